@@ -1,0 +1,226 @@
+"""Tests of the toy world: the generator makes what the docstring says, and the evaluator scores real clips
+ideally and each kind of corruption badly. CPU, a few seconds in all."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import toy_data as td  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def real():
+    clips, prompts = td.sample_clips(64, seed=0)
+    return clips, prompts, td.evaluate(clips, prompts)
+
+
+# -----------------------------------------------------------------------------
+# the generator
+
+def test_sample_clips_shape_dtype_determinism():
+    a, pa = td.sample_clips(5, seed=3)
+    b, pb = td.sample_clips(5, seed=3)
+    c, pc = td.sample_clips(5, generator=torch.Generator().manual_seed(3))
+    d, _ = td.sample_clips(5, seed=4)
+    assert a.shape == (5, td.FRAMES, 3, td.SIZE, td.SIZE) and a.dtype == torch.float32
+    assert torch.equal(a, b) and torch.equal(a, c) and pa == pb == pc
+    assert not torch.equal(a, d)
+    assert all(p in td.PROMPTS for p in pa)
+    assert td.sample_clips(2, seed=0, frames=13)[0].shape[1] == 13
+
+
+def test_every_pixel_is_a_palette_colour():
+    clips, _ = td.sample_clips(64, seed=1)
+    pixels = clips.permute(0, 1, 3, 4, 2).reshape(-1, 3)
+    assert (pixels[:, None] == td.PALETTE).all(-1).any(-1).all()
+    assert clips.pow(2).mean().item() == 1.0  # every value is +-1: the data's second moment is exactly 1
+
+
+def test_given_prompts_are_rendered():
+    prompts = [td.PROMPTS[i % 9] for i in range(18)]
+    clips, out = td.sample_clips(18, seed=2, prompts=prompts)
+    assert out == prompts
+    for clip, prompt in zip(clips, prompts):
+        colour = td.COLOURS[prompt.split()[0]]
+        fg = (clip != -1).any(1)  # (F, H, W)
+        assert fg.sum((1, 2)).min() > 0  # the shape is visible in every frame
+        assert (clip.permute(0, 2, 3, 1)[fg] == torch.tensor(colour)).all()
+    with pytest.raises(ValueError, match="valid prompts"):
+        td.sample_clips(1, prompts=["purple circle"])
+
+
+def test_half_extent_is_the_shapes_bounding_box():
+    # the walls [h, SIZE - h] keep the shape inside the frame only if every shape pixel lies within pos +- h,
+    # and they are tight only if the shape reaches within a pixel of that box
+    g = torch.Generator().manual_seed(0)
+    c = torch.arange(td.SIZE) + 0.5
+    for s in range(len(td.SHAPES)):
+        h = td.HALF_EXTENT[s]
+        pos = h + (td.SIZE - 2 * h) * torch.rand(200, 2, generator=g)  # (200, 2)
+        m = td.shape_mask(torch.full((200,), s), pos)  # (200, H, W)
+        dx = (c - pos[:, 0, None, None]).expand_as(m)[m].abs()
+        dy = (c[:, None] - pos[:, 1, None, None]).expand_as(m)[m].abs()
+        assert dx.max() <= h[0] and dy.max() <= h[1]
+        assert dx.max() > h[0] - 1 and dy.max() > h[1] - 1
+
+
+def test_trajectory_is_straight_line_with_bounce():
+    tr = td.sample_trajectories(256, seed=5, frames=24)
+    lo = td.HALF_EXTENT[tr["shape"]]  # (n, 2)
+    hi = td.SIZE - lo
+    pos, p0, v = tr["pos"], tr["p0"], tr["v"]
+    assert ((pos >= lo[:, None] - 1e-5) & (pos <= hi[:, None] + 1e-5)).all()  # the shape never leaves the frame
+    assert (v.abs() >= td.SPEED_MIN).all() and (v.abs() <= td.SPEED_MAX).all()
+    # an independent step-by-step simulation: move by v, reflect off a wall and flip that velocity component
+    p, vel = p0.clone(), v.clone()
+    for f in range(pos.shape[1]):
+        torch.testing.assert_close(pos[:, f], p, atol=1e-4, rtol=0)
+        p = p + vel
+        over, under = p > hi, p < lo
+        p = torch.where(over, 2 * hi - p, torch.where(under, 2 * lo - p, p))
+        vel = torch.where(over | under, -vel, vel)
+    # and the randomness is per clip: the speed along each axis is the same in every frame
+    step = (pos[:, 1:] - pos[:, :-1]).abs()  # (n, F-1, 2)
+    free = step > v.abs()[:, None] - 1e-4  # steps without a wall hit move exactly |v|
+    assert free.float().mean() > 0.7
+    assert (step <= v.abs()[:, None] + 1e-4).all()
+
+
+# -----------------------------------------------------------------------------
+# the text encoder
+
+def test_text_encoder():
+    torch.manual_seed(123)
+    a = td.TextEncoder()(td.PROMPTS + [""])
+    torch.manual_seed(456)
+    b = td.TextEncoder()(td.PROMPTS + [""])
+    assert a.shape == (10, td.TEXT_LEN, td.TEXT_DIM) and a.dtype == torch.float32 and a.device.type == "cpu"
+    assert torch.equal(a, b)  # fixed embeddings, independent of the global RNG
+    assert (a[-1] == 0).all()  # "" is the unconditional branch
+    assert torch.equal(a[0, 0], a[1, 0]) and torch.equal(a[0, 1], a[3, 1])  # colour token, shape token
+    assert len({tuple(e.flatten().tolist()) for e in a[:9]}) == 9
+    assert 0.5 < td.TextEncoder().embedding.std() < 1.5
+    for bad in ["purple circle", "circle red", "red", "red circle big", "Red circle"]:
+        with pytest.raises(ValueError, match="valid prompts") as e:
+            td.TextEncoder()([bad])
+        assert repr(bad) in str(e.value) and "'green square'" in str(e.value)
+
+
+# -----------------------------------------------------------------------------
+# the evaluator
+
+def test_real_clips_score_ideal(real):
+    _, _, m = real
+    assert m["blur"] == 0.0
+    assert m["second_moment"] == 1.0
+    assert m["prompt_acc"] == 1.0
+    assert 1.2 < m["motion"] < 1.6 and m["motion_gap"] < 0.15
+    assert m["physics"] < 0.3  # only pixel quantisation of the centroid
+    assert m["fd"] < 3.0  # sampling noise of 64 vs 512 clips
+
+
+def test_blurred_clips_score_worse(real):
+    clips, prompts, m = real
+    # the conditional-expectation failure: the average of 4 clips of the same prompt
+    same, _ = td.sample_clips(4 * 64, seed=1, prompts=[p for p in prompts for _ in range(4)])
+    blurred = same.view(64, 4, *clips.shape[1:]).mean(1)
+    b = td.evaluate(blurred, prompts)
+    assert b["blur"] > 0.1 and b["second_moment"] < 0.95
+    assert b["fd"] > 10 * max(m["fd"], 1.0)
+    # a spatially blurred clip (3x3 box filter on every frame)
+    k = torch.ones(3, 1, 3, 3) / 9
+    smooth = torch.nn.functional.conv2d(clips.flatten(0, 1), k, padding=1, groups=3).view_as(clips)
+    s = td.evaluate(smooth, prompts)
+    assert s["blur"] > 0.1 and s["second_moment"] < 0.95
+
+
+def test_wrong_prompt_static_and_shuffled(real):
+    clips, prompts, m = real
+    wrong = [td.PROMPTS[(td.PROMPTS.index(p) + 1) % 9] for p in prompts]
+    assert td.evaluate(clips, wrong)["prompt_acc"] == 0.0
+    static = td.evaluate(clips[:, :1].expand_as(clips), prompts)
+    assert static["motion"] == 0.0 and static["motion_gap"] > 1.0 and static["prompt_acc"] == 1.0
+    shuffled = td.evaluate(clips[:, [3, 0, 5, 1, 4, 2]], prompts)
+    assert shuffled["physics"] > 4 * m["physics"] and shuffled["fd"] > 10 * max(m["fd"], 1.0)
+    # each frame from a different clip of the same prompt: right content, no consistent motion
+    frames = torch.stack([td.sample_clips(64, seed=10 + f, prompts=prompts)[0][:, f] for f in range(td.FRAMES)], 1)
+    jumpy = td.evaluate(frames, prompts)
+    assert jumpy["prompt_acc"] == 1.0 and jumpy["physics"] > 4 * m["physics"]
+
+
+def test_prompt_acc_is_robust_to_stray_pixels_and_empty_frames_are_wrong(real):
+    clips, prompts, _ = real
+    noisy = clips.clone()
+    g = torch.Generator().manual_seed(0)
+    B, F = clips.shape[:2]
+    for _ in range(3):  # 3 stray pixels of random palette colours in every frame
+        i, j = torch.randint(td.SIZE, (2, B, F), generator=g)
+        colour = td.PALETTE[torch.randint(1, 4, (B, F), generator=g)]  # (B, F, 3)
+        noisy[torch.arange(B)[:, None], torch.arange(F), :, i, j] = colour
+    assert td.evaluate(noisy, prompts)["prompt_acc"] == 1.0
+    empty = td.evaluate(torch.full_like(clips, -1.0), prompts)
+    assert empty["prompt_acc"] == 0.0 and empty["motion"] == 0.0 and np.isnan(empty["physics"])
+    half = clips.clone()
+    half[:, 2:] = -1.0  # shape visible in 2 of 6 frames: the majority vote says "no shape"
+    assert td.evaluate(half, prompts)["prompt_acc"] == 0.0
+
+
+def test_custom_reference_and_other_lengths():
+    ref = td.make_reference(td.sample_clips(128, seed=7, frames=12)[0])
+    clips, prompts = td.sample_clips(32, seed=8, frames=12)
+    m = td.evaluate(clips, prompts, reference=ref)
+    assert m["prompt_acc"] == 1.0 and m["physics"] < 0.3 and m["motion_gap"] < 0.2
+    with pytest.raises(ValueError, match="prompts"):
+        td.evaluate(clips, prompts[:-1], reference=ref)
+
+
+def test_frechet_distance_closed_forms():
+    g = np.random.default_rng(0)
+    a = g.normal(size=(5, 5))
+    s = a @ a.T
+    mu = g.normal(size=5)
+    assert abs(td.frechet_distance(mu, s, mu, s)) < 1e-6
+    # 1-D: (m1 - m2)^2 + (sigma1 - sigma2)^2
+    fd = td.frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-1.0]), np.array([[9.0]]))
+    assert abs(fd - (4.0 + 1.0)) < 1e-4
+
+
+# -----------------------------------------------------------------------------
+# videos
+
+def test_to_uint8_grid():
+    clips, _ = td.sample_clips(5, seed=0)
+    grid = td.to_uint8_grid(clips, ncols=3, scale=2)
+    h = td.SIZE * 2
+    assert grid.shape == (td.FRAMES, 2 * h + 2, 3 * h + 4, 3) and grid.dtype == np.uint8
+    cell = grid[:, h + 2:, h + 2:2 * h + 2]  # clip 4: row 1, column 1
+    expected = ((clips[4].permute(0, 2, 3, 1) + 1) * 127.5).round().numpy().astype(np.uint8)
+    assert np.array_equal(cell[:, ::2, ::2], expected)
+    assert (grid[:, h:h + 2] == 128).all() and (grid[:, h + 2:, 2 * h + 4:] == 128).all()  # separator, empty cell
+
+
+def test_save_video_gif(tmp_path):
+    import imageio.v3 as iio
+    clips, _ = td.sample_clips(6, seed=0)
+    path = tmp_path / "clips.gif"
+    td.save_video(path, clips, ncols=3, scale=4)
+    frames = iio.imread(path, index=None)
+    assert frames.shape[:3] == (td.FRAMES, 2 * 64 + 2, 3 * 64 + 4)
+    assert np.array_equal(frames[..., :3], td.to_uint8_grid(clips, ncols=3, scale=4))  # GIF keeps our 5 colours
+    with pytest.raises(ValueError, match=".gif or .mp4"):
+        td.save_video(tmp_path / "clips.avi", clips)
+
+
+def test_save_video_mp4_needs_imageio_ffmpeg(tmp_path):
+    pytest.importorskip("imageio")
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        with pytest.raises(RuntimeError, match="pip install imageio-ffmpeg"):
+            td.save_video(tmp_path / "clips.mp4", td.sample_clips(2, seed=0)[0])
+    else:
+        td.save_video(tmp_path / "clips.mp4", td.sample_clips(2, seed=0)[0])
+        assert (tmp_path / "clips.mp4").stat().st_size > 0

@@ -1,0 +1,444 @@
+"""
+The toy world: procedural clips of one moving shape, a fixed toy text encoder, and an exact evaluator.
+
+Every clip is 6 frames of 16x16 RGB showing one saturated shape (circle, square or triangle; red, green or
+blue) on a black background, moving in a straight line at constant velocity and bouncing off the walls. The
+prompt ("red circle") names the colour and the shape; the start position and the velocity are random.
+
+Why this toy shows the paper's point: the randomness of a clip (where the shape starts, where it goes) is
+drawn once and shared by all its frames. Frame i alone does not say where the shape is heading, so a
+*bidirectional* teacher, which denoises all frames jointly, decides frame i partly from the noise of frames
+> i; a causal student that sees only frames <= i cannot know that noise and, fitted to the bidirectional ODE
+pairs, learns the average over the futures: a blurred shape (Causal Forcing Lemma 3.2 / Prop. 3.3). An AR
+teacher decides frame i from frames <= i only, so its pairs are learnable exactly.
+
+Pixels are rendered hard (a pixel is the shape colour iff its centre lies inside the shape, no anti-aliasing),
+so every real pixel value is exactly +-1 and the data's second moment E[x^2] is exactly 1. A blurred student
+has E[x^2] < 1 (Prop. 3.3), which `evaluate` reports directly.
+
+Geometry (pixel units): x = column, y = row, (0, 0) is the top-left corner of the frame, pixel (row i, col j)
+has its centre at (j + 0.5, i + 0.5). A shape's *position* is the centre of its bounding box; its walls are
+[h, SIZE - h] per axis, h = HALF_EXTENT[shape], so the shape never leaves the frame. Circle: radius 4, drawn
+as the regular octagon around that circle (8 px across, ~53 px; a true disc this small grows one-pixel nubs at
+sub-pixel positions). Square: side 6 (36 px). Triangle: apex up, base 8, height 7 (~28 px). Velocity: per
+axis, magnitude uniform in [0.5, 1.5] px/frame with a random sign, so every clip visibly moves.
+
+The exact evaluator, `evaluate(clips, prompts)`. Each key, then [what real clips score]:
+  blur           mean Euclidean RGB distance from each pixel to the nearest palette colour   [0 exactly]
+  second_moment  mean of x^2 over all pixel values; < 1 is a washed-out, averaged video      [1 exactly]
+  prompt_acc     fraction of clips whose colour and shape, each a majority vote over frames,
+                 match the prompt. Colour: most frequent non-background nearest palette
+                 colour. Shape: best IoU of the foreground mask against the renderer's own
+                 masks on a 1/4 px grid of positions. An empty frame votes "none" (wrong)    [1 exactly]
+  motion         mean displacement (px/frame) of the foreground centroid between
+                 consecutive frames: the Dynamic-Degree analogue                             [1.43, the data's]
+  motion_gap     |motion - motion of the reference set|                                     [~0.02 at n=64]
+  physics        RMS residual (px) of the measured positions from the best straight-line-
+                 with-bounce path, fitted per clip and axis by grid search                  [0.18: pixel grid]
+  fd             Frechet distance between Gaussian fits of 13 per-clip features (mean
+                 position, mean |step| per axis, colour fractions, shape IoUs, area, blur,
+                 physics residual; z-scored by the reference) and those of 512 real clips   [~0.6 at n=64: noise]
+Real clips' fd is sampling noise: ~1.1 at n=32, ~0.6 at n=64, ~0.2 at n=256, so compare a model's fd (and
+motion_gap) against `real_metrics(n)` at the same n. Prompts are used only by prompt_acc.
+
+Run `python toy_data.py` to print the metrics of real clips beside corrupted ones (blurred, static, shuffled,
+wrong prompt), time the sampler and the evaluator, and write out/toy_real.gif.
+"""
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SIZE = 16  # frames are 16x16 RGB
+FRAMES = 6  # frames per training clip (divisible by 1, 2 and 3: frame-wise and chunk-wise blocks)
+COLOURS = {"red": (1.0, -1.0, -1.0), "green": (-1.0, 1.0, -1.0), "blue": (-1.0, -1.0, 1.0)}  # saturated, on black
+BACKGROUND = (-1.0, -1.0, -1.0)
+SHAPES = ("circle", "square", "triangle")
+PROMPTS = [f"{c} {s}" for c in COLOURS for s in SHAPES]  # 9 prompts; "" is the unconditional prompt
+TEXT_DIM = 32  # width of the toy text encoder's token embeddings (model's text_dim)
+TEXT_LEN = 2  # tokens per prompt: colour token, shape token
+TEXT_SEED = 0  # the toy text encoder's embeddings are drawn once from this seed
+
+CIRCLE_RADIUS = 4.0  # sizes chosen so the three masks differ a lot at 16x16 (circle 8 across, square 6, triangle 8x7)
+SQUARE_SIDE = 6.0
+TRIANGLE_BASE, TRIANGLE_HEIGHT = 8.0, 7.0
+HALF_EXTENT = torch.tensor([[4.0, 4.0], [3.0, 3.0], [4.0, 3.5]])  # (shape, xy): half the bounding box
+SPEED_MIN, SPEED_MAX = 0.5, 1.5  # px/frame per axis
+PALETTE = torch.tensor([BACKGROUND, *COLOURS.values()])  # (4, 3); index 0 is the background
+
+FIT_VMAX = 2.0  # the physics fit searches velocities in [-2, 2] px/frame per axis (data: |v| <= 1.5)
+REF_N, REF_SEED = 512, 1234  # the default reference set of real clips
+FD_FLOOR = 0.1  # features constant on real clips (blur = 0) are z-scored with this scale instead of std 0
+
+
+# -----------------------------------------------------------------------------
+# prompts and the toy text encoder
+
+def parse_prompt(prompt):
+    """'red circle' -> (colour index, shape index); anything else is an error that lists the valid prompts."""
+    if prompt not in PROMPTS:
+        raise ValueError(f"the toy cannot represent prompt {prompt!r}; valid prompts: {PROMPTS} "
+                         f"(the text encoder also takes '' for the unconditional branch)")
+    i = PROMPTS.index(prompt)
+    return i // len(SHAPES), i % len(SHAPES)
+
+
+class TextEncoder:
+    """The toy's stand-in for umT5: a fixed lookup of one embedding per word, never trained.
+
+    A prompt becomes TEXT_LEN = 2 tokens (colour, shape), each a unit-variance Gaussian vector drawn once from a
+    fixed seed, independent of the global RNG, so every script and checkpoint sees the same "text features".
+    The empty prompt maps to all zeros, the unconditional branch (like Wan's zero-padded T5 rows).
+    Output is on CPU; callers move it to their device.
+    """
+
+    vocab = (*COLOURS, *SHAPES)
+
+    def __init__(self):
+        g = torch.Generator().manual_seed(TEXT_SEED)  # own generator: the global RNG neither changes nor matters
+        self.embedding = torch.randn(len(self.vocab), TEXT_DIM, generator=g)  # (6, TEXT_DIM)
+
+    def __call__(self, prompts):
+        if isinstance(prompts, str):
+            raise TypeError(f"TextEncoder takes a list of prompts, got the string {prompts!r}")
+        ctx = torch.zeros(len(prompts), TEXT_LEN, TEXT_DIM)  # (B, TEXT_LEN, TEXT_DIM)
+        for b, prompt in enumerate(prompts):
+            if prompt == "":
+                continue  # unconditional: zeros
+            colour, shape = parse_prompt(prompt)
+            ctx[b, 0] = self.embedding[colour]
+            ctx[b, 1] = self.embedding[len(COLOURS) + shape]
+        return ctx
+
+
+# -----------------------------------------------------------------------------
+# the generator: trajectories, then hard rendering
+
+def bounce(u, lo, hi):
+    """Fold an unbounded straight-line coordinate u into [lo, hi] by mirror reflection (a triangle wave).
+
+    This is the closed form of "move at constant velocity, reflect off the walls": the unfolded path p0 + v*t
+    mirrored at every wall crossing.
+    """
+    L = hi - lo
+    return lo + L - ((u - lo) % (2 * L) - L).abs()
+
+
+def sample_trajectories(n, seed=None, generator=None, frames=FRAMES, prompts=None):
+    """Draw n clips' latent variables: prompt, start position p0, velocity v, and the positions per frame.
+
+    Returns a dict: shape (n,) long, colour (n,) long, p0 (n, 2), v (n, 2), pos (n, F, 2) in px (x, y),
+    prompts list[str]. Deterministic given seed (or a torch.Generator); global RNG otherwise.
+    """
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass seed or generator, not both")
+        generator = torch.Generator().manual_seed(seed)
+    if prompts is None:
+        idx = torch.randint(len(PROMPTS), (n,), generator=generator)
+        prompts = [PROMPTS[i] for i in idx.tolist()]
+    elif len(prompts) != n:
+        raise ValueError(f"got {len(prompts)} prompts for n={n} clips")
+    colour, shape = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(n, 2).unbind(1)
+    lo = HALF_EXTENT[shape]  # (n, 2): the walls keep the whole bounding box inside the frame
+    hi = SIZE - lo
+    p0 = lo + (hi - lo) * torch.rand(n, 2, generator=generator)  # (n, 2)
+    speed = SPEED_MIN + (SPEED_MAX - SPEED_MIN) * torch.rand(n, 2, generator=generator)
+    sign = torch.randint(0, 2, (n, 2), generator=generator) * 2 - 1
+    v = sign * speed  # (n, 2), drawn once per clip: the randomness every frame shares
+    t = torch.arange(frames, dtype=torch.float32)
+    pos = bounce(p0[:, None] + v[:, None] * t[None, :, None], lo[:, None], hi[:, None])  # (n, F, 2)
+    return dict(shape=shape, colour=colour, p0=p0, v=v, pos=pos, prompts=prompts)
+
+
+def shape_mask(shape, pos):
+    """Boolean masks (..., SIZE, SIZE) of shapes (...) long at positions (..., 2): pixel centre inside the shape."""
+    c = torch.arange(SIZE, dtype=torch.float32) + 0.5  # pixel centres
+    dx = c - pos[..., 0, None, None]  # (..., 1, W)
+    dy = c[:, None] - pos[..., 1, None, None]  # (..., H, 1)
+    # the "circle" is the regular octagon around it (all 8 edges at distance CIRCLE_RADIUS from the centre):
+    # a true disc this small, hard-rendered at sub-pixel positions, grows one-pixel nubs at its extremes
+    circle = torch.maximum(torch.maximum(dx.abs(), dy.abs()), (dx.abs() + dy.abs()) / math.sqrt(2)) <= CIRCLE_RADIUS
+    square = (dx.abs() <= SQUARE_SIDE / 2) & (dy.abs() <= SQUARE_SIDE / 2)
+    # apex up (small y is the top row): the half-width grows linearly from 0 at the apex to base/2 at the base
+    h = TRIANGLE_HEIGHT
+    triangle = (dy.abs() <= h / 2) & (dx.abs() <= (TRIANGLE_BASE / 2) * (dy + h / 2) / h)
+    s = shape[..., None, None]
+    return torch.where(s == 0, circle, torch.where(s == 1, square, triangle))  # (..., H, W)
+
+
+def render(shape, colour, pos):
+    """Clips (n, F, 3, SIZE, SIZE) in {-1, +1} from shape (n,), colour (n,) indices and positions (n, F, 2)."""
+    n, F = pos.shape[:2]
+    mask = shape_mask(shape[:, None].expand(n, F), pos)  # (n, F, H, W)
+    fg = PALETTE[1 + colour].view(n, 1, 3, 1, 1)
+    bg = PALETTE[0].view(1, 1, 3, 1, 1)
+    return torch.where(mask[:, :, None], fg, bg)  # (n, F, 3, H, W), exactly +-1
+
+
+def sample_clips(n, seed=None, generator=None, frames=FRAMES, prompts=None):
+    """n real clips (n, F, 3, SIZE, SIZE) float32 in [-1, 1] and their prompts. Prompts are uniform over
+    PROMPTS unless given (one per clip). Deterministic given seed or generator."""
+    traj = sample_trajectories(n, seed=seed, generator=generator, frames=frames, prompts=prompts)
+    return render(traj["shape"], traj["colour"], traj["pos"]), traj["prompts"]
+
+
+# -----------------------------------------------------------------------------
+# the exact evaluator
+
+_TEMPLATES = {}  # built once: the renderer's own masks on a quarter-pixel grid of positions
+_REFERENCE = {}  # frames -> reference statistics of REF_N real clips
+
+
+def _templates():
+    """Every shape rendered at positions 0.25 px apart across its walls: (K, H*W) masks, their shape ids,
+    and each shape's centroid offset from its position (the triangle's centroid sits ~1.2 px below its bbox
+    centre). Matching against the renderer itself is what makes real clips classify 100% correctly."""
+    if not _TEMPLATES:
+        masks, owner, offset = [], [], []
+        for s in range(len(SHAPES)):
+            lo, hi = HALF_EXTENT[s], SIZE - HALF_EXTENT[s]
+            # offset by 1/8 px: a position exactly on a pixel-centre tie (e.g. a 7-px-wide square) never occurs
+            # in sampled clips, so no template should have it
+            xs = torch.arange(lo[0] + 0.125, hi[0], 0.25)
+            ys = torch.arange(lo[1] + 0.125, hi[1], 0.25)
+            pos = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)  # (K_s, 2)
+            m = shape_mask(torch.full((len(pos),), s), pos).float()  # (K_s, H, W)
+            masks.append(m.flatten(1))
+            owner.append(torch.full((len(pos),), s))
+            offset.append((_centroid(m) - pos).mean(0))
+        _TEMPLATES.update(masks=torch.cat(masks), owner=torch.cat(owner), offset=torch.stack(offset))
+    return _TEMPLATES
+
+
+def _centroid(mask):
+    """Centroid (..., 2) in px (x, y) of float masks (..., H, W); (0, 0) for an empty mask."""
+    c = torch.arange(SIZE, dtype=torch.float32) + 0.5
+    area = mask.sum((-1, -2)).clamp(min=1)
+    return torch.stack([(mask * c).sum((-1, -2)) / area, (mask * c[:, None]).sum((-1, -2)) / area], -1)
+
+
+def _vote(labels, k):
+    """Majority label per clip of per-frame labels (B, F) in 0..k-1; ties go to the smaller label."""
+    return torch.nn.functional.one_hot(labels, k).sum(1).argmax(-1)
+
+
+def _fit_bounce(y, w, lo, hi):
+    """Best straight-line-with-bounce trajectory per series by coarse-to-fine grid search.
+
+    y, w: (M, F) measured positions and 0/1 weights (frames without a shape are ignored); lo, hi: (M,) walls.
+    Returns the weighted sum of squared residuals (M,). The search is over p0 in [lo, hi] and v in
+    [-FIT_VMAX, FIT_VMAX]; a brute-force grid avoids the local minima the reflections create.
+    """
+    t = torch.arange(y.shape[1], dtype=torch.float32)
+    p0_c, v_c = (lo + hi) / 2, torch.zeros_like(lo)  # (M,) centres of the search window
+    p0_r, v_r = (hi - lo) / 2, torch.full_like(lo, FIT_VMAX)  # (M,) half-widths
+    grid = [(33, 41), (11, 11), (11, 11), (11, 11)]  # coarse (~0.3 px, 0.1 px/frame), then zoom in 3 times
+    for n_p, n_v in grid:
+        p0 = p0_c[:, None] + p0_r[:, None] * torch.linspace(-1, 1, n_p)  # (M, n_p)
+        v = v_c[:, None] + v_r[:, None] * torch.linspace(-1, 1, n_v)  # (M, n_v)
+        p0, v = p0[:, :, None].expand(-1, n_p, n_v).flatten(1), v[:, None, :].expand(-1, n_p, n_v).flatten(1)
+        p0 = torch.minimum(torch.maximum(p0, lo[:, None]), hi[:, None])  # (M, G), stay inside the walls
+        path = bounce(p0[..., None] + v[..., None] * t, lo[:, None, None], hi[:, None, None])  # (M, G, F)
+        sse = ((path - y[:, None]) ** 2 * w[:, None]).sum(-1)  # (M, G)
+        best = sse.argmin(1)
+        p0_c, v_c = p0.gather(1, best[:, None])[:, 0], v.gather(1, best[:, None])[:, 0]
+        p0_r, v_r = 2 * p0_r / (n_p - 1), 2 * v_r / (n_v - 1)  # next window: +-2 grid steps of this one
+    return sse.gather(1, best[:, None])[:, 0]
+
+
+def _analyse(clips):
+    """Per-clip measurements of clips (B, F, 3, SIZE, SIZE); everything evaluate and the fd features need."""
+    x = torch.as_tensor(clips).detach().float().cpu()
+    if x.ndim != 5 or x.shape[2:] != (3, SIZE, SIZE):
+        raise ValueError(f"expected clips (B, F, 3, {SIZE}, {SIZE}), got {tuple(x.shape)}")
+    B, F = x.shape[:2]
+    tpl = _templates()
+    # nearest palette colour per pixel
+    d2 = (x[:, :, None] - PALETTE[:, :, None, None]).pow(2).sum(3)  # (B, F, 4, H, W) squared RGB distances
+    d2, near = d2.min(2)  # (B, F, H, W)
+    dist = d2.sqrt()
+    fg = (near > 0).float()  # foreground: nearest colour is not the background
+    area = fg.sum((-1, -2))  # (B, F)
+    valid = area > 0
+    counts = torch.nn.functional.one_hot(near, 4)[..., 1:].sum((2, 3)).float()  # (B, F, 3) pixels per colour
+    none = len(COLOURS)  # label of an empty frame: always a wrong vote
+    frame_colour = torch.where(valid, counts.argmax(-1), none)
+    # shape: best IoU against each shape's templates; a few stray pixels only shrink the IoU a little
+    m = fg.reshape(B * F, SIZE * SIZE)
+    inter = m @ tpl["masks"].T  # (B*F, K)
+    iou = inter / (m.sum(1, keepdim=True) + tpl["masks"].sum(1) - inter).clamp(min=1)
+    iou = torch.stack([iou[:, tpl["owner"] == s].max(1).values for s in range(len(SHAPES))], -1)  # (B*F, 3)
+    iou = iou.view(B, F, len(SHAPES))
+    frame_shape = torch.where(valid, iou.argmax(-1), len(SHAPES))
+    colour, shape = _vote(frame_colour, none + 1), _vote(frame_shape, len(SHAPES) + 1)  # (B,)
+    # position = centroid minus the detected shape's centroid offset, so it lives between that shape's walls
+    centroid = _centroid(fg)  # (B, F, 2)
+    s = torch.where(shape == len(SHAPES), 1, shape)  # no shape found: use the square's walls
+    pos = centroid - tpl["offset"][s][:, None]  # (B, F, 2)
+    lo = HALF_EXTENT[s]  # (B, 2)
+    w = valid.float()[:, None].expand(B, 2, F).reshape(2 * B, F)
+    sse = _fit_bounce(pos.transpose(1, 2).reshape(2 * B, F), w, lo.reshape(-1), (SIZE - lo).reshape(-1))
+    n_pos = 2 * valid.sum(1)  # (B,) measured coordinates per clip
+    pair = valid[:, 1:] & valid[:, :-1]  # (B, F-1) displacements between two frames that both show a shape
+    step = (centroid[:, 1:] - centroid[:, :-1]) * pair[..., None]  # (B, F-1, 2)
+    return dict(x=x, dist=dist, valid=valid, area=area, counts=counts, iou=iou, colour=colour, shape=shape,
+                centroid=centroid, sse=sse.view(B, 2).sum(1), n_pos=n_pos, step=step, pair=pair)
+
+
+def _features(a):
+    """13 analytic features per clip (B, 13) numpy: mean centroid x, y; mean |step| x, y; colour fractions
+    (3); mean template IoU per shape (3); mean area; blur; physics residual. Averages skip empty frames."""
+    vf = a["valid"].float()[..., None]  # (B, F, 1)
+
+    def over_frames(q):  # (B, F, k) -> (B, k): mean over the frames that show a shape
+        return (q * vf).sum(1) / vf.sum(1).clamp(min=1)
+
+    centre = torch.where(a["valid"].any(1)[:, None], over_frames(a["centroid"]), SIZE / 2)  # (B, 2)
+    speed = a["step"].abs().sum(1) / a["pair"].sum(1).clamp(min=1)[:, None]  # (B, 2)
+    frac = over_frames(a["counts"] / a["area"].clamp(min=1)[..., None])  # (B, 3)
+    phys = (a["sse"] / a["n_pos"].clamp(min=1)).sqrt()  # (B,)
+    f = torch.cat([centre, speed, frac, over_frames(a["iou"]), a["area"].mean(1, keepdim=True),
+                   a["dist"].mean((1, 2, 3))[:, None], phys[:, None]], 1)  # (B, 13)
+    return f.double().numpy()
+
+
+def _motion(a):
+    pair = a["pair"]
+    return (a["step"].norm(dim=-1).sum() / pair.sum()).item() if pair.any() else 0.0
+
+
+def make_reference(clips):
+    """Reference statistics (feature mean/scale/covariance, motion) of a set of real clips (B, F, 3, H, W)."""
+    a = _analyse(clips)
+    f = _features(a)
+    loc, scale = f.mean(0), np.maximum(f.std(0), FD_FLOOR)  # z-score so px, fractions and areas weigh alike
+    z = (f - loc) / scale
+    return dict(frames=clips.shape[1], n=len(clips), loc=loc, scale=scale, mu=z.mean(0),
+                sigma=np.cov(z, rowvar=False), motion=_motion(a))
+
+
+def default_reference(frames=FRAMES):
+    """Statistics of REF_N real clips at REF_SEED, computed once per clip length."""
+    if frames not in _REFERENCE:
+        _REFERENCE[frames] = make_reference(sample_clips(REF_N, seed=REF_SEED, frames=frames)[0])
+    return _REFERENCE[frames]
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2, ridge=1e-6):
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2): the FID formula on toy features.
+    (S1 S2)^1/2 has the trace of the symmetric S1^1/2 S2 S1^1/2, so eigh suffices (no scipy sqrtm)."""
+    eye = ridge * np.eye(len(mu1))
+    s1, s2 = sigma1 + eye, sigma2 + eye
+    e, V = np.linalg.eigh(s1)
+    r1 = (V * np.sqrt(np.clip(e, 0, None))) @ V.T  # S1^1/2
+    tr_sqrt = np.sqrt(np.clip(np.linalg.eigvalsh(r1 @ s2 @ r1), 0, None)).sum()
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def evaluate(clips, prompts, reference=None):
+    """Exact metrics of generated clips (B, F, 3, SIZE, SIZE) in [-1, 1] for their prompts (list of B).
+    reference: make_reference(real clips); default: REF_N real clips of the same length. See the module
+    docstring for the meaning and ideal value of each key."""
+    if len(prompts) != len(clips):
+        raise ValueError(f"got {len(prompts)} prompts for {len(clips)} clips")
+    ref = default_reference(clips.shape[1]) if reference is None else reference
+    a = _analyse(clips)
+    target = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(len(prompts), 2)
+    correct = (a["colour"] == target[:, 0]) & (a["shape"] == target[:, 1])
+    z = (_features(a) - ref["loc"]) / ref["scale"]  # (B, 13)
+    motion = _motion(a)
+    n_pos = a["n_pos"].sum()
+    fd = frechet_distance(z.mean(0), np.cov(z, rowvar=False), ref["mu"], ref["sigma"]) if len(z) > 1 else math.nan
+    return dict(
+        blur=a["dist"].mean().item(),
+        second_moment=a["x"].pow(2).mean().item(),
+        prompt_acc=correct.float().mean().item(),
+        motion=motion,
+        motion_gap=abs(motion - ref["motion"]),
+        physics=(a["sse"].sum() / n_pos).sqrt().item() if n_pos > 0 else math.nan,  # nan: no shape anywhere
+        fd=fd,
+    )
+
+
+def real_metrics(n=64, seed=0, frames=FRAMES):
+    """evaluate() of n fresh real clips: the numbers to print beside a model's (same n, same frames)."""
+    clips, prompts = sample_clips(n, seed=seed, frames=frames)
+    return evaluate(clips, prompts)
+
+
+# -----------------------------------------------------------------------------
+# videos
+
+def to_uint8_grid(clips, ncols=None, scale=8):
+    """Clips (B, F, 3, H, W) in [-1, 1] -> frames (F, H', W', 3) uint8 of a grid of clips, each upscaled
+    by nearest neighbour, with 2 px grey lines between them."""
+    x = torch.as_tensor(clips).detach().float().cpu()
+    if x.ndim != 5 or x.shape[2] != 3:
+        raise ValueError(f"expected clips (B, F, 3, H, W), got {tuple(x.shape)}")
+    B, F, _, H, W = x.shape
+    ncols = min(ncols or math.ceil(math.sqrt(B)), B)
+    nrows = math.ceil(B / ncols)
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    x = x.repeat_interleave(scale, -2).repeat_interleave(scale, -1).permute(0, 1, 3, 4, 2)  # (B, F, sH, sW, 3)
+    h, w, sep = H * scale, W * scale, 2
+    grid = torch.full((F, nrows * (h + sep) - sep, ncols * (w + sep) - sep, 3), 128, dtype=torch.uint8)
+    for b in range(B):
+        r, c = divmod(b, ncols)
+        grid[:, r * (h + sep):r * (h + sep) + h, c * (w + sep):c * (w + sep) + w] = x[b]
+    return grid.numpy()
+
+
+def save_video(path, clips, ncols=None, fps=8, scale=8):
+    """Write a looping GIF (or an MP4, if imageio-ffmpeg is installed) of a grid of clips (B, F, 3, H, W)."""
+    import imageio.v2 as imageio
+    path = Path(path)
+    frames = to_uint8_grid(clips, ncols, scale)  # (F, H', W', 3)
+    if path.suffix == ".gif":
+        imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)  # pillow: duration in ms per frame
+    elif path.suffix == ".mp4":
+        try:
+            import imageio_ffmpeg  # noqa: F401
+        except ImportError:
+            raise RuntimeError(f"writing {path} needs the ffmpeg plugin: pip install imageio-ffmpeg "
+                               f"(or save a .gif)") from None
+        # H.264 in yuv420p needs even sizes: pad with the separator grey rather than let imageio rescale
+        ph, pw = frames.shape[1] % 2, frames.shape[2] % 2
+        frames = np.pad(frames, ((0, 0), (0, ph), (0, pw), (0, 0)), constant_values=128)
+        imageio.mimsave(path, list(frames), fps=fps, macro_block_size=1)
+    else:
+        raise ValueError(f"save_video writes .gif or .mp4, got {path}")
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    clips, prompts = sample_clips(64, seed=0)
+    t0 = time.perf_counter()
+    for _ in range(100):
+        sample_clips(64)
+    t_sample = (time.perf_counter() - t0) / 100
+    default_reference()  # build the cached reference outside the timing
+    t0 = time.perf_counter()
+    real = evaluate(clips, prompts)
+    t_eval = time.perf_counter() - t0
+    # corrupted versions of the same clips, each breaking one thing the evaluator measures
+    same = sample_clips(4 * 64, seed=1, prompts=[p for p in prompts for _ in range(4)])[0]
+    cases = {
+        "real": (clips, prompts),
+        "blurred (mean of 4 same-prompt clips)": (same.view(64, 4, *clips.shape[1:]).mean(1), prompts),
+        "static (frame 0 repeated)": (clips[:, :1].expand_as(clips), prompts),
+        "shuffled frames": (clips[:, torch.randperm(FRAMES, generator=torch.Generator().manual_seed(0))], prompts),
+        "wrong prompt": (clips, [PROMPTS[(PROMPTS.index(p) + 4) % len(PROMPTS)] for p in prompts]),
+    }
+    keys = list(real)
+    print(f"{'64 clips':40s}" + "".join(f"{k:>14s}" for k in keys))
+    for name, (c, p) in cases.items():
+        m = real if name == "real" else evaluate(c, p)
+        print(f"{name:40s}" + "".join(f"{m[k]:14.3f}" for k in keys))
+    print(f"sample_clips(64): {1000 * t_sample:.2f} ms, evaluate(64 clips): {1000 * t_eval:.0f} ms")
+    Path("out").mkdir(exist_ok=True)
+    save_video("out/toy_real.gif", clips[:16], ncols=8)
+    print("wrote out/toy_real.gif")
