@@ -18,9 +18,9 @@ code with small numbers. What differs from the official Wan / Self-Forcing / Cau
   * timesteps are per frame everywhere (t has shape (B, F)); the bidirectional model is the same code with all
     frames at one t, so one class serves teacher, student, critic;
   * all attention goes through `torch.nn.functional.scaled_dot_product_attention` (no flash-attn / flex
-    dependency). The block masks of paths 2 and 3 are written as a loop over query blocks, each attending to
-    one or two contiguous key ranges with no mask at all, so SDPA can use its fastest kernels and no
-    (2N x 2N) boolean mask is ever materialised (at Wan scale that mask alone would be 4.3 GB);
+    dependency). The block masks are described as lists of (query block, key ranges); short sequences run
+    one masked SDPA call, long ones (Wan scale) loop over query blocks with unmasked calls, so no
+    (2N x 2N) boolean mask is materialised there (it alone would take 4.3 GB);
   * RoPE angles are computed from absolute frame positions on the fly (float64), so there is no 1024-frame
     table to overflow when streaming long videos;
   * the KV cache stores detached K/V: when a forward needs gradients (the exit step of DMD's self-rollout), the
@@ -212,13 +212,25 @@ def rope_apply(x, cos, sin):
     return out.flatten(-2).type_as(x)  # (B, h, N, d)
 
 
-def attention(q, k, v, blocks=None):
+def blocks_to_mask(blocks, n_q, n_k, device):
+    """The boolean mask (True = may attend) that a block list describes."""
+    mask = torch.zeros(n_q, n_k, dtype=torch.bool, device=device)
+    for q0, q1, k_ranges in blocks:
+        for k0, k1 in k_ranges:
+            mask[q0:q1, k0:k1] = True
+    return mask
+
+
+def attention(q, k, v, blocks=None, dense_limit=2 ** 26):
     """SDPA over (B, h, N, d). blocks=None: full attention (path 1, and path 3 where the cache already holds
     exactly the visible keys). Otherwise blocks is a list of (q_start, q_end, [(k_start, k_end), ...]) covering
-    the queries in order: each query block attends to the union of its key ranges, with no mask inside,
-    which is the block-structured mask of paths 2 and 3 written without materialising it."""
+    the queries in order: each query block attends to the union of its key ranges (paths 2 and block-causal).
+    Short sequences (the toy) run one SDPA call with the equivalent boolean mask; long ones (Wan scale, where the
+    (2N x 2N) mask would take GBs) loop over query blocks, each an unmasked SDPA call on its key ranges."""
     if blocks is None:
         return F.scaled_dot_product_attention(q, k, v)
+    if q.shape[2] * k.shape[2] <= dense_limit:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=blocks_to_mask(blocks, q.shape[2], k.shape[2], q.device))
     outs = []
     for q0, q1, k_ranges in blocks:
         if len(k_ranges) == 1:

@@ -77,9 +77,11 @@ def dense_teacher_forcing_mask(F, tpf, fpb):
 def test_block_loop_implements_the_dense_mask(fpb):
     F, tpf = 4, 3
     q, k, v = (torch.randn(1, 2, 2 * F * tpf, 8) for _ in range(3))
-    out = M.attention(q, k, v, M.teacher_forcing_blocks(F, tpf, fpb))
+    blocks = M.teacher_forcing_blocks(F, tpf, fpb)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense_teacher_forcing_mask(F, tpf, fpb))
-    assert (out - ref).abs().max() < 1e-5
+    assert torch.equal(M.blocks_to_mask(blocks, 2 * F * tpf, 2 * F * tpf, "cpu"), dense_teacher_forcing_mask(F, tpf, fpb))
+    for dense_limit in (0, 2 ** 26):  # the long-sequence loop and the short-sequence masked call
+        assert (M.attention(q, k, v, blocks, dense_limit=dense_limit) - ref).abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("fpb", [1, 3])

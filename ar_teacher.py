@@ -1,0 +1,270 @@
+"""
+ar_teacher.py — stage 0 (the bidirectional base) and stage 1 (the AR teacher, trained with teacher forcing).
+
+Stage 0, `--phase base`: ordinary flow matching on whole clips, every frame at one t, the prompt dropped 10% of
+the time so classifier-free guidance works. On the toy this model stands in for pretrained Wan2.1: it is the
+"bidirectional teacher" of the injectivity experiment, DMD's real score and the initialisation of its critic.
+
+Stage 1, `--phase ar` (Causal Forcing §3, "autoregressive diffusion with teacher forcing"): the same network,
+initialised from the base, learns to denoise block i given the *ground-truth* clean blocks < i. One forward
+holds [clean | noisy] (model.py path 2); each block gets its own t from the shifted 1000-grid; the loss is the
+bell-weighted velocity MSE of the official code. This is the teacher whose PF-ODE is *frame-level injective*:
+frame i's ODE starts from frame i's noise and sees only clean frames < i, so one noise maps to one frame.
+`--diffusion-forcing` trains the ablation instead: one noisy sequence, block-causal mask, independent t per block
+and no clean context, so training sees noisy prefixes while inference feeds clean ones (Causal Forcing
+Prop. 3.4: a strictly positive train/test mismatch; expected to sample worse).
+
+Differences from the official code (thu-ml/Causal-Forcing): the toy trains from scratch for the base (the
+official stage 1 starts from Wan2.1); the toy's recipe (lr 1e-3 with warmup and cosine decay, EMA weights for
+sampling, batch 32, its own timestep shift) is tuned for a 2-core CPU, where the official one is AdamW lr 2e-6,
+betas (0, 0.999) at batch 64 on GPUs; the AR teacher is sampled with 48-step Euler + CFG instead of 50-step UniPC.
+
+Commands (toy, CPU; the README lists measured times):
+    python ar_teacher.py --phase base                  # -> checkpoints/base.pt
+    python ar_teacher.py --phase ar                    # -> checkpoints/ar_teacher.pt            (frame-wise)
+    python ar_teacher.py --phase ar --frames-per-block 3   # -> checkpoints/ar_teacher_chunkwise.pt
+    python ar_teacher.py --phase ar --diffusion-forcing    # -> checkpoints/ar_diffusion_forcing.pt (ablation)
+Add --resume to continue an interrupted run from its last checkpoint.
+"""
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+from tqdm import tqdm
+
+import toy_data
+from model import (DiT, PRESETS, ModelConfig, add_noise, autocast, count_parameters, load_checkpoint,
+                   loss_weight, model_from_checkpoint, parse_config, pick_device, save_checkpoint, timestep_grid)
+from sample_stream import sample_ar, sample_bidirectional
+
+
+@dataclass
+class Config:
+    phase: str = "base"  # "base" (stage 0, bidirectional) or "ar" (stage 1, teacher forcing from the base)
+    frames_per_block: int = 1  # ar: 1 = frame-wise, 3 = chunk-wise
+    diffusion_forcing: bool = False  # ar: train the diffusion-forcing ablation instead of teacher forcing
+    model: str = "toy"  # base: preset of model.py (ar inherits the base's config)
+    shift: float = 5.0  # base: timestep shift of the schedule every later stage inherits
+    steps: int = 3000  # optimizer steps
+    batch_size: int = 32
+    lr: float = 1e-3  # peak learning rate (warmup, then cosine decay to lr/10)
+    warmup: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999  # EMA of the weights, used for every sample and for the next stage
+    prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (the unconditional branch for CFG)
+    eval_every: int = 1000  # evaluate + GIF every this many steps (and at the end)
+    ckpt_every: int = 250  # atomic checkpoint every this many steps (and at the end)
+    eval_clips: int = 72  # clips per evaluation (8 per prompt)
+    eval_steps: int = 48  # Euler steps of the evaluation sampler
+    guidance: float = 3.0  # CFG weight w of the evaluation sampler (v = v_u + w (v_c - v_u))
+    out_dir: str = "checkpoints"
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+
+def checkpoint_path(cfg):
+    """Later stages find the teachers by these names."""
+    if cfg.phase == "base":
+        return os.path.join(cfg.out_dir, "base.pt")
+    if cfg.diffusion_forcing:
+        name = "ar_diffusion_forcing" + ("" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}")
+    else:
+        name = {1: "ar_teacher", 3: "ar_teacher_chunkwise"}.get(cfg.frames_per_block,
+                                                                f"ar_teacher_fpb{cfg.frames_per_block}")
+    return os.path.join(cfg.out_dir, name + ".pt")
+
+
+def make_command(cfg):
+    """The command that (re)makes a checkpoint, for error messages."""
+    cmd = f"python ar_teacher.py --phase {cfg.phase}"
+    if cfg.phase == "ar" and cfg.frames_per_block != 1:
+        cmd += f" --frames-per-block {cfg.frames_per_block}"
+    if cfg.phase == "ar" and cfg.diffusion_forcing:
+        cmd += " --diffusion-forcing"
+    return cmd + (f" --out-dir {cfg.out_dir}" if cfg.out_dir != "checkpoints" else "")
+
+
+def load_teacher(out_dir="checkpoints", phase="ar", frames_per_block=1, diffusion_forcing=False, device="cpu"):
+    """Load a finished teacher (its EMA weights) for a later stage; a missing one names the command that makes it."""
+    cfg = Config(phase=phase, frames_per_block=frames_per_block, diffusion_forcing=diffusion_forcing, out_dir=out_dir)
+    ckpt = load_checkpoint(checkpoint_path(cfg), stage="base" if phase == "base" else "ar_teacher",
+                           make_cmd=make_command(cfg))
+    return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The losses
+
+
+def sample_t(grid, batch, n_blocks, frames_per_block, generator, device):
+    """One timestep index per block, uniform on the 1000-grid (so t is skewed to high noise by the shift),
+    copied to every frame of the block: (B, F)."""
+    idx = torch.randint(0, len(grid), (batch, n_blocks), generator=generator)
+    return grid[idx].repeat_interleave(frames_per_block, dim=1).to(device)
+
+
+def flow_matching_loss(model, x0, ctx, t, eps, shift, weighted, **path):
+    """Velocity MSE: mean_{b,f} w(t_bf) mean_{c,h,w} (v_theta - (eps - x0))^2, with the official stage-1 bell
+    weight w(t) when `weighted`, else w = 1 (plain flow matching, stage 0). The bell is ~0 at both ends of the
+    grid; the toy base needs its low-noise end to draw crisp edges, the AR teacher inherits them from the base.
+    `path` picks the attention: {} bidirectional, clean=x0 teacher forcing, or frames_per_block only
+    (diffusion forcing)."""
+    x_t = add_noise(x0, eps, t)  # x_t = (1 - s) x0 + s eps, per frame
+    v = model(x_t, t, ctx, **path)
+    per_frame = (v - (eps - x0)).pow(2).mean(dim=(2, 3, 4))  # (B, F)
+    if weighted:
+        per_frame = loss_weight(t.cpu(), shift).to(v.device) * per_frame
+    return per_frame.mean()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_prompts(n):
+    return [toy_data.PROMPTS[i % len(toy_data.PROMPTS)] for i in range(n)]
+
+
+@torch.no_grad()
+def generate(model, cfg, n, seed, text):
+    """n clips from fixed noise (same seed -> same clips), sampled the way the stage's model is meant to be."""
+    g = torch.Generator().manual_seed(seed)
+    dev = next(model.parameters()).device
+    prompts = eval_prompts(n)
+    noise = torch.randn(n, toy_data.FRAMES, 3, toy_data.SIZE, toy_data.SIZE, generator=g).to(dev)
+    ctx, ctx_null = text(prompts).to(dev), text([""] * n).to(dev)
+    if cfg.phase == "base":
+        clips = sample_bidirectional(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance)
+    else:
+        clips = sample_ar(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance, cfg.frames_per_block)
+    return clips.cpu(), prompts
+
+
+def metric_line(m):
+    return " ".join(f"{k} {v:.3f}" for k, v in m.items())
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg):
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    path = checkpoint_path(cfg)
+    text = toy_data.TextEncoder()
+
+    # the model: a fresh toy DiT for the base; the base's EMA weights for the AR teacher
+    if cfg.phase == "base":
+        mcfg = ModelConfig(**{**asdict(PRESETS[cfg.model]), "shift": cfg.shift})
+        model = DiT(mcfg)
+    elif cfg.phase == "ar":
+        model, _ = load_teacher(cfg.out_dir, phase="base")
+        mcfg = model.cfg
+    else:
+        raise ValueError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
+    if toy_data.FRAMES % cfg.frames_per_block:
+        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the toy's {toy_data.FRAMES} frames")
+    model = model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # clips, prompt dropout, timesteps
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    step, history = 0, []
+
+    if cfg.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
+        differ = {k: (ckpt["config"][k], v) for k, v in asdict(cfg).items()
+                  if k not in ("steps", "resume", "eval_every", "ckpt_every", "device") and ckpt["config"].get(k) != v}
+        if differ:
+            raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["data_gen"])
+        noise_gen.set_state(ckpt["noise_gen"])
+        step, history = ckpt["step"], ckpt["history"]
+        print(f"resumed {path} at step {step}")
+    elif os.path.exists(path) and not cfg.resume:
+        print(f"note: {path} exists and will be overwritten (use --resume to continue it)")
+
+    print(f"{cfg.phase}: {count_parameters(model):,} parameters, {model.tokens_per_frame(toy_data.SIZE, toy_data.SIZE)} "
+          f"tokens/frame, {toy_data.FRAMES} frames, shift {mcfg.shift}, device {device}")
+    print(cfg)
+    grid = timestep_grid(1000, mcfg.shift)
+    fpb = cfg.frames_per_block if cfg.phase == "ar" else toy_data.FRAMES  # base: one block = the whole clip
+    n_blocks = toy_data.FRAMES // fpb
+
+    def save():
+        save_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", model_config=asdict(mcfg),
+                        config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
+                        optimizer=opt.state_dict(), step=step, history=history,
+                        data_gen=data_gen.get_state(), noise_gen=noise_gen.get_state())
+
+    t_start = time.time()
+    pbar = tqdm(total=cfg.steps, initial=step, desc=cfg.phase, dynamic_ncols=True)
+    while step < cfg.steps:
+        # learning rate: linear warmup, then cosine to lr/10
+        frac = min(1.0, (step + 1) / cfg.warmup) if step < cfg.warmup else \
+            0.55 + 0.45 * math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * frac
+
+        x0, prompts = toy_data.sample_clips(cfg.batch_size, generator=data_gen)
+        drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.prompt_dropout
+        ctx = text(["" if d else p for p, d in zip(prompts, drop.tolist())]).to(device)
+        t = sample_t(grid, cfg.batch_size, n_blocks, fpb, data_gen, device)  # (B, F)
+        eps = torch.randn(x0.shape, generator=noise_gen).to(device)
+        x0 = x0.to(device)
+        if cfg.phase == "base":
+            path_kw = {}
+        elif cfg.diffusion_forcing:
+            path_kw = dict(frames_per_block=fpb)  # noisy prefix, block-causal: what the model sees is not what it gets
+        else:
+            path_kw = dict(clean=x0, frames_per_block=fpb)  # ground-truth clean context at t = 0
+        with autocast(device):
+            loss = flow_matching_loss(model, x0, ctx, t, eps, mcfg.shift, cfg.phase == "ar", **path_kw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():  # EMA with the usual warmup, so short runs are not dominated by the init
+            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for p_ema, p in zip(ema.parameters(), model.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        step += 1
+        history.append(loss.item())
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
+
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            clips, eval_p = generate(ema, cfg, cfg.eval_clips, seed=1234, text=text)
+            metrics = toy_data.evaluate(clips, eval_p)
+            gif = os.path.join(cfg.out_dir, "samples", f"{os.path.basename(path)[:-3]}_step{step}.gif")
+            os.makedirs(os.path.dirname(gif), exist_ok=True)
+            toy_data.save_video(gif, clips[:18], ncols=9)
+            tqdm.write(f"step {step}: {metric_line(metrics)}  -> {gif}")
+        if step % cfg.ckpt_every == 0 or step == cfg.steps:
+            save()
+    pbar.close()
+
+    # the closing metric line: the EMA model's samples beside real clips of the same count
+    clips, eval_p = generate(ema, cfg, cfg.eval_clips, seed=1234, text=text)
+    metrics = toy_data.evaluate(clips, eval_p)
+    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
+    minutes = (time.time() - t_start) / 60
+    print(f"{os.path.basename(path)} | {cfg.eval_steps}-step CFG {cfg.guidance} | {metric_line(metrics)} | "
+          f"{minutes:.1f} min")
+    print(f"{'real clips':>{len(os.path.basename(path))}} | {metric_line(real)}")
+    ckpt = load_checkpoint(path)
+    save_checkpoint(path, **{**ckpt, "metrics": metrics})
+    return metrics
+
+
+if __name__ == "__main__":
+    train(parse_config(Config, description=__doc__.split("\n\n")[0]))
