@@ -4,6 +4,8 @@ sample_stream.py — the samplers every stage shares, written as plain functions
     sample_bidirectional   N-step Euler PF-ODE with CFG on whole clips        (stage 0 base; bidirectional ODE pairs)
     sample_ar              N-step Euler PF-ODE with CFG, block by block,      (stage 1 AR teacher)
                            through the KV cache, with the t = 0 refresh
+    sample_stream          few-step streaming inference of a distilled model:  (stages 2 and 3; the CLI)
+                           predict x0, re-noise to the next step, t = 0 refresh
     cfg_velocity           v = v_uncond + w (v_cond - v_uncond), one batched forward
 
 The time convention is model.py's: t = 1000 is noise, t = 0 is data; the model predicts v = eps - x0.
@@ -14,7 +16,8 @@ Command: imported by the stage scripts; no CLI yet.
 """
 import torch
 
-from model import KVCache, euler_step, timestep_grid
+import toy_data
+from model import KVCache, add_noise, euler_step, timestep_grid, warped_steps, x0_from_v
 
 
 def ode_grid(model, num_steps):
@@ -83,3 +86,45 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
         trajs.append(torch.stack(traj))
     x0 = torch.cat(blocks, dim=1)
     return (x0, torch.cat(trajs, dim=2)) if return_trajectory else x0
+
+
+@torch.no_grad()
+def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_steps=None, generator=None,
+                  cache=None, start_frame=0):
+    """Few-step inference of a distilled causal model (Self Forcing Alg. 2; Causal Forcing inference).
+    For each block: start from its noise; for each t in `steps` (a warped list such as [1000, 937.5, 833.3, 625])
+    predict x0_hat = x_t - s v, and unless it is the last step re-noise it with *fresh* noise to the next t;
+    the last x0_hat is the block. Then run the block once more at t = 0 so its clean K/V overwrite its cache
+    slot. No CFG: guidance is distilled into the model. Block 0 may use its own list (`first_block_steps`: the
+    1/2-step Causal Forcing++ models use the 4-step list for the first frame).
+    noise: (B, F, C, H, W); returns x0 (B, F, C, H, W). Pass a `cache` (and `start_frame`) to continue a stream."""
+    B, nF = noise.shape[:2]
+    if nF % frames_per_block:
+        raise ValueError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
+    cache = cache if cache is not None else KVCache(max_frames=start_frame + nF)
+    out = []
+    for i, s in enumerate(range(0, nF, frames_per_block)):
+        ts = first_block_steps if (i == 0 and start_frame == 0 and first_block_steps) else steps
+        x = noise[:, s:s + frames_per_block]
+        for j, t in enumerate(ts):
+            tt = torch.full(x.shape[:2], float(t), device=x.device)
+            x0_hat = x0_from_v(x, model(x, tt, ctx, cache=cache, start_frame=start_frame + s), t)
+            if j + 1 < len(ts):  # re-noise with fresh noise to the next step
+                eps = torch.randn(x.shape, generator=generator).to(x.device)
+                x = add_noise(x0_hat, eps, ts[j + 1])
+        model(x0_hat, torch.zeros(x.shape[:2], device=x.device), ctx, cache=cache, start_frame=start_frame + s)
+        out.append(x0_hat)
+    return torch.cat(out, dim=1)
+
+
+def toy_few_step_samples(model, n, steps, frames_per_block=1, seed=1234, first_block_4step=False):
+    """n toy clips from fixed noise (same seed -> same noise for every model), prompts cycling through all 9,
+    with the few-step sampler on the model's warped step list. Returns (clips on CPU, prompts)."""
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    prompts = [toy_data.PROMPTS[i % len(toy_data.PROMPTS)] for i in range(n)]
+    noise = torch.randn(n, toy_data.FRAMES, 3, toy_data.SIZE, toy_data.SIZE, generator=g).to(dev)
+    ctx = toy_data.TextEncoder()(prompts).to(dev)
+    first = warped_steps(4, model.cfg.shift) if first_block_4step else None
+    clips = sample_stream(model, noise, ctx, warped_steps(steps, model.cfg.shift), frames_per_block, first, generator=g)
+    return clips.cpu(), prompts

@@ -363,6 +363,13 @@ def evaluate(clips, prompts, reference=None):
     )
 
 
+def blur_per_frame(clips):
+    """The blur metric per clip and frame (B, F): mean RGB distance of each pixel to the nearest palette colour."""
+    x = torch.as_tensor(clips).detach().float().cpu()
+    d2 = (x[:, :, None] - PALETTE[:, :, None, None]).pow(2).sum(3).min(2).values  # (B, F, H, W)
+    return d2.sqrt().mean((-1, -2))
+
+
 def real_metrics(n=64, seed=0, frames=FRAMES):
     """evaluate() of n fresh real clips: the numbers to print beside a model's (same n, same frames)."""
     clips, prompts = sample_clips(n, seed=seed, frames=frames)

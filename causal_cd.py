@@ -1,0 +1,173 @@
+"""
+causal_cd.py — stage 2b: causal consistency distillation (Causal Forcing++), and the project's front door.
+
+Causal ODE distillation (ode_init.py) needs the AR teacher's whole 48-step trajectory for every training clip,
+stored up front. Causal CD learns the same AR-conditional flow map with no stored trajectories: each step
+takes one adjacent pair of the 48-grid and asks the student to give the same x0 prediction on both ends of one
+teacher ODE step (a consistency model, Song et al. 2023, with the AR teacher providing the step):
+
+    n ~ U{0..46};  t = t_n > t' = t_{n+1}            (48-grid, one t for all frames)       CF++ Alg. 1
+    x_t  = (1 - s) x0 + s eps                        (ground truth noised to t)
+    x_t' = x_t - (s - s') v_teacher(x_t, t)          (one Euler step, CFG w = 3, clean context = ground truth)
+    f_theta  = x0_hat(student,     x_t,  t)          (teacher-forcing path, same clean context)
+    f_target = x0_hat(EMA student, x_t', t')         (no grad; EMA decay 0.99, updated every step)
+    loss = MSE(f_theta, f_target)
+
+Student, EMA and teacher all start from the AR teacher. Because every frame's context is the ground-truth past
+(teacher forcing), the map learned is the AR teacher's conditional flow map, which is frame-level injective,
+just as in causal ODE distillation. Official cost on Wan2.1 (CF++ paper): 2,900 vs 11,600 A800 GPU-hours and
+0 vs 1,900 GiB of stored trajectories; this script prints the toy's analogue next to ode_init.py's.
+
+Differences from the official code (thu-ml/Causal-Forcing trainer/naive_cd.py): float32 timesteps (the official
+casts t to bf16), a toy learning rate and batch, and the whole toy clip in one teacher-forcing forward.
+
+Commands:
+    python causal_cd.py --toy        # from a clean checkout: trains missing teachers, then CD, then samples
+                                     # 1/2/4-step clips, prints their metrics, writes a GIF
+    python causal_cd.py              # CD only (the AR teacher must exist)
+"""
+import copy
+import os
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+from tqdm import tqdm
+
+import ar_teacher
+import toy_data
+from model import (add_noise, autocast, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
+                   pick_device, save_checkpoint, timestep_grid, x0_from_v)
+from sample_stream import cfg_velocity, toy_few_step_samples
+
+
+@dataclass
+class Config:
+    toy: bool = False  # the front door: first train whichever toy teacher checkpoint is missing
+    frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
+    steps: int = 300  # student optimizer steps
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup: int = 20
+    guidance: float = 3.0  # CFG weight w of the teacher's Euler step (official CD: 3)
+    ema_decay: float = 0.99  # the target network: EMA of the student, updated every step from step 0
+    eval_clips: int = 72
+    ckpt_every: int = 100
+    out_dir: str = "checkpoints"
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+
+def checkpoint_path(cfg):
+    suffix = "" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}"
+    return os.path.join(cfg.out_dir, f"causal_cd{suffix}.pt")
+
+
+def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per_block, generator):
+    """One causal consistency-distillation loss on a batch of ground-truth clips x0 (B, F, C, H, W)."""
+    B, nF = x0.shape[:2]
+    n = int(torch.randint(0, len(grid) - 1, (1,), generator=generator))  # U{0..46}: adjacent pair (n, n+1)
+    t, t_next = float(grid[n]), float(grid[n + 1])
+    tt, tt_next = torch.full((B, nF), t, device=x0.device), torch.full((B, nF), t_next, device=x0.device)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    x_t = add_noise(x0, eps, t)  # x_t = (1 - s) x0 + s eps
+    tf = dict(clean=x0, frames_per_block=frames_per_block)  # every network sees the ground-truth past
+    with torch.no_grad():
+        v = cfg_velocity(teacher, x_t, tt, ctx, ctx_null, guidance, **tf)  # v_u + w (v_c - v_u)
+        x_next = euler_step(x_t, v, t, t_next)  # x_t' = x_t - (s - s') v
+        f_target = x0_from_v(x_next, ema(x_next, tt_next, ctx, **tf), t_next)  # EMA student at t'
+    f_theta = x0_from_v(x_t, student(x_t, tt, ctx, **tf), t)  # student at t
+    return (f_theta - f_target).pow(2).mean()
+
+
+def ensure_teachers(cfg):
+    """--toy: build the checkpoints this stage needs, in order, if they are missing (saying so)."""
+    base = ar_teacher.Config(phase="base", out_dir=cfg.out_dir)
+    ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir)
+    for tcfg in (base, ar):
+        path = ar_teacher.checkpoint_path(tcfg)
+        if not os.path.exists(path):
+            print(f"{path} is missing: training it now ({ar_teacher.make_command(tcfg)})")
+            ar_teacher.train(tcfg)
+
+
+def train(cfg):
+    t_start = time.time()
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.toy:
+        ensure_teachers(cfg)
+    teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device)
+    teacher.requires_grad_(False)
+    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    ema = copy.deepcopy(teacher)  # the target network
+    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.0)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    step, history, path = 0, [], checkpoint_path(cfg)
+    if cfg.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, stage="causal_cd", make_cmd="python causal_cd.py")
+        student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        data_gen.set_state(ckpt["data_gen"])
+        step, history = ckpt["step"], ckpt["history"]
+        print(f"resumed {path} at step {step}")
+    print(cfg)
+    text = toy_data.TextEncoder()
+    grid = timestep_grid(48, teacher.cfg.shift)
+
+    def save(**extra):
+        save_checkpoint(path, stage="causal_cd", model_config=teacher_ckpt["model_config"], config=asdict(cfg),
+                        model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
+                        data_gen=data_gen.get_state(), step=step, history=history, **extra)
+
+    t_cd = time.time()
+    pbar = tqdm(total=cfg.steps, initial=step, desc="causal CD", dynamic_ncols=True)
+    while step < cfg.steps:
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        x0, prompts = toy_data.sample_clips(cfg.batch_size, generator=data_gen)
+        ctx, null = text(prompts).to(device), text([""] * cfg.batch_size).to(device)
+        with autocast(device):
+            loss = cd_loss(student, ema, teacher, x0.to(device), ctx, null, grid, cfg.guidance,
+                           cfg.frames_per_block, data_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():  # EMA target, decay 0.99 from step 0 (official)
+            for p_ema, p in zip(ema.parameters(), student.parameters()):
+                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        step += 1
+        history.append(loss.item())
+        pbar.update(1)
+        pbar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.5f}")
+        if step % cfg.ckpt_every == 0:
+            save()
+    pbar.close()
+    cd_minutes = (time.time() - t_cd) / 60
+
+    metrics = {}
+    for n_steps in (1, 2, 4):  # frame-wise few-step samples of the EMA student, the stage's output
+        clips, prompts = toy_few_step_samples(ema, cfg.eval_clips, n_steps, cfg.frames_per_block)
+        metrics[n_steps] = toy_data.evaluate(clips, prompts)
+        print(f"causal_cd {n_steps}-step | {ar_teacher.metric_line(metrics[n_steps])}")
+        if n_steps == 4:
+            gif = os.path.join(cfg.out_dir, "samples", "causal_cd_4step.gif")
+            os.makedirs(os.path.dirname(gif), exist_ok=True)
+            toy_data.save_video(gif, clips[:18], ncols=9)
+    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
+    print(f"real clips        | {ar_teacher.metric_line(real)}")
+    print(f"causal_cd: CD {cd_minutes:.1f} min, 0 bytes of trajectories stored; total {(time.time() - t_start) / 60:.1f} "
+          f"min -> {path}, 4-step GIF {gif}")
+    save(metrics=metrics, minutes=cd_minutes)
+    return metrics
+
+
+def load_student(out_dir="checkpoints", frames_per_block=1, device="cpu"):
+    cfg = Config(frames_per_block=frames_per_block, out_dir=out_dir)
+    ckpt = load_checkpoint(checkpoint_path(cfg), stage="causal_cd", make_cmd="python causal_cd.py --toy")
+    return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
+
+
+if __name__ == "__main__":
+    train(parse_config(Config, description=__doc__.split("\n\n")[0]))

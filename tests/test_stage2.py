@@ -1,0 +1,142 @@
+"""Stage 2 (ode_init.py, causal_cd.py): the exact two-frame miniature, causality of the ODE pairs, the CD step,
+smoke runs of both scripts, and clear errors for mismatched pairs and checkpoints."""
+import os
+
+import pytest
+import torch
+
+import ar_teacher
+import causal_cd
+import model as M
+import ode_init
+from sample_stream import cfg_velocity
+from test_ar_teacher import shrink_toy_preset, tiny_run
+from test_model import random_model
+
+
+# --- the exact miniature (SPEC §5) ---------------------------------------------------------------------------
+
+def test_two_frame_miniature_ar_is_a_step_bidirectional_student_is_blurred():
+    eps1 = torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0], dtype=torch.float64)
+    ar, bi, student = ode_init.two_frame_miniature(eps1, n_future=256)
+    # AR teacher: frame 1 decided by eps1 alone, a sharp step onto the data points
+    assert torch.allclose(ar, torch.sign(eps1), atol=0.1)  # +- a few std of the tiny within-mode spread (0.03)
+    # bidirectional teacher: the same eps1 lands on both data points depending on eps2
+    assert ((bi > 0.9).any(1) & (bi < -0.9).any(1))[2:4].all()
+    assert (bi.abs() > 0.9).float().mean() > 0.95  # each teacher output is still a data point
+    # the student fitted to those pairs is their average: squashed towards 0, most of all near eps1 = 0
+    assert (student[1:5].abs() < 0.8).all() and (student[2:4].abs() < 0.6).all()
+    assert (student.diff() > 0).all()  # a smooth increasing curve instead of the step sign(eps1)
+    g = torch.Generator().manual_seed(0)
+    _, _, s_mc = ode_init.two_frame_miniature(torch.randn(200, generator=g, dtype=torch.float64), n_future=128)
+    assert s_mc.pow(2).mean() < 0.8  # Prop. 3.3: second moment strictly below the data's (1)
+
+
+def test_gmm_velocity_is_exact_at_the_ends():
+    means = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    x = torch.tensor([[0.3]], dtype=torch.float64)
+    # at s = 1, x_s = eps exactly, so E[eps - x0 | x] = x - E[x0] = x (the data mean is 0)
+    assert torch.allclose(ode_init.gmm_velocity(x, torch.tensor(1.0, dtype=torch.float64), means, 1e-3), x)
+
+
+# --- ODE pairs ------------------------------------------------------------------------------------------------
+
+def test_causal_ode_pairs_ignore_future_noise_bidirectional_ones_do_not():
+    m = random_model()
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 4, 3, 16, 16, generator=g), torch.randn(2, 4, 3, 16, 16, generator=g)
+    ctx, null = torch.randn(2, 2, 32, generator=g), torch.zeros(2, 2, 32)
+    eps_b = eps.clone()
+    eps_b[:, 2:] = torch.randn(2, 2, 3, 16, 16, generator=g)
+    a = ode_init.causal_ode_trajectory(m, x0, eps, ctx, null, 6.0, 1)
+    b = ode_init.causal_ode_trajectory(m, x0, eps_b, ctx, null, 6.0, 1)
+    assert a.shape == (2, 5, 4, 3, 16, 16)
+    assert (a[:, :, :2] - b[:, :, :2]).abs().max() < 1e-5  # frames 0, 1: every stored state identical
+    assert (a[:, -1, 2:] - b[:, -1, 2:]).abs().max() > 1e-3
+    a = ode_init.bidirectional_ode_trajectory(m, eps, ctx, null, 6.0)
+    b = ode_init.bidirectional_ode_trajectory(m, eps_b, ctx, null, 6.0)
+    assert (a[:, -1, :2] - b[:, -1, :2]).abs().max() > 1e-3  # frame 0's endpoint moved with the future noise
+    assert torch.equal(a[:, 0], eps)  # the first stored state is the noise at t = 1000
+
+
+# --- causal CD ------------------------------------------------------------------------------------------------
+
+def test_teacher_euler_step_with_cfg_matches_hand_computation():
+    m = random_model()
+    g = torch.Generator().manual_seed(1)
+    x0, x_t = torch.randn(2, 2, 3, 16, 16, generator=g), torch.randn(2, 2, 3, 16, 16, generator=g)
+    ctx, null = torch.randn(2, 2, 32, generator=g), torch.zeros(2, 2, 32)
+    t, t_next = 937.5, 930.9
+    tt = torch.full((2, 2), t)
+    with torch.no_grad():
+        v_c = m(x_t, tt, ctx, clean=x0, frames_per_block=1)
+        v_u = m(x_t, tt, null, clean=x0, frames_per_block=1)
+        by_hand = x_t - (t - t_next) / 1000 * (v_u + 3.0 * (v_c - v_u))
+        v = cfg_velocity(m, x_t, tt, ctx, null, 3.0, clean=x0, frames_per_block=1)
+    assert (M.euler_step(x_t, v, t, t_next) - by_hand).abs().max() < 1e-5
+
+
+def test_one_cd_step_decreases_the_loss_on_a_fixed_batch():
+    teacher = random_model(seed=0)
+    student = random_model(seed=0)
+    ema = random_model(seed=0)
+    with torch.no_grad():  # a student that differs from its target, so there is something to learn
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(2)
+    x0, ctx = torch.randn(4, 2, 3, 16, 16, generator=g), torch.randn(4, 2, 32, generator=g)
+    grid = M.timestep_grid(48, 5.0)
+    loss_at = lambda: causal_cd.cd_loss(student, ema, teacher, x0, ctx, torch.zeros_like(ctx), grid, 3.0, 1,
+                                        torch.Generator().manual_seed(5))
+    opt = torch.optim.SGD(student.parameters(), lr=0.05)
+    before = loss_at()
+    before.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss_at()
+    assert after < before * 0.999
+
+
+# --- scripts ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def tiny_teachers(tmp_path, monkeypatch):
+    shrink_toy_preset(monkeypatch)
+    ar_teacher.train(tiny_run(tmp_path, phase="base"))
+    ar_teacher.train(tiny_run(tmp_path, phase="ar"))
+    return tmp_path
+
+
+def stage2_run(tmp_path, **kw):
+    return ode_init.Config(**{**dict(num_pairs=8, steps=2, batch_size=4, warmup=1, eval_clips=9, ckpt_every=1,
+                                     out_dir=str(tmp_path)), **kw})
+
+
+def test_smoke_ode_init_both_teachers_and_pair_mismatch(tiny_teachers):
+    for teacher in ("ar", "bidirectional"):
+        metrics = ode_init.train(stage2_run(tiny_teachers, teacher=teacher))
+        assert set(metrics) == {1, 2, 4}
+        student, ckpt = ode_init.load_student(str(tiny_teachers), teacher)
+        assert ckpt["stage"] == ode_init.stage_name(teacher) and ckpt["pair_bytes"] > 0
+    pairs = torch.load(ode_init.pairs_path(stage2_run(tiny_teachers)), weights_only=False)
+    assert pairs["states"].shape == (8, 5, 6, 3, 16, 16)
+    # the same pair file read by a run with another CFG weight: refused, naming what differs
+    with pytest.raises(ValueError, match="another setup.*guidance"):
+        ode_init.train(stage2_run(tiny_teachers, guidance=2.0))
+
+
+def test_smoke_causal_cd_and_wrong_stage(tiny_teachers):
+    metrics = causal_cd.train(causal_cd.Config(steps=2, batch_size=4, warmup=1, eval_clips=9, ckpt_every=1,
+                                               out_dir=str(tiny_teachers)))
+    assert set(metrics) == {1, 2, 4} and 0 <= metrics[4]["prompt_acc"] <= 1
+    student, ckpt = causal_cd.load_student(str(tiny_teachers))
+    assert ckpt["stage"] == "causal_cd" and ckpt["step"] == 2
+    # a checkpoint of the wrong stage where the CD student should be
+    os.replace(tiny_teachers / "base.pt", tiny_teachers / "causal_cd.pt")
+    with pytest.raises(ValueError, match="'base' checkpoint, but a 'causal_cd' checkpoint was expected"):
+        causal_cd.load_student(str(tiny_teachers))
+
+
+def test_cd_without_teacher_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match="python ar_teacher.py --phase ar"):
+        causal_cd.train(causal_cd.Config(steps=1, out_dir=str(tmp_path)))
