@@ -46,7 +46,7 @@ class Config:
     toy: bool = False  # the front door: first train whichever toy teacher checkpoint is missing
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     steps: int = 300  # student optimizer steps
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 1e-4
     warmup: int = 20
     guidance: float = 3.0  # CFG weight w of the teacher's Euler step (official CD: 3)

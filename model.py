@@ -145,7 +145,7 @@ PRESETS = {
     # The toy (toy_data.py): 16x16 RGB frames, patch 4 -> 16 tokens per frame, 2 text tokens of width 32.
     # Head dim 32 -> RoPE splits it 12/10/10 (frame/height/width), as Wan splits 128 into 44/42/42.
     "toy": ModelConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=6, in_dim=3, out_dim=3,
-                       text_dim=32, text_len=2, patch=(1, 4, 4), shift=5.0),
+                       text_dim=32, text_len=2, patch=(1, 4, 4), shift=2.0),
     # Wan-shaped but tiny (Wan's in/out/text widths, few small layers): exercises the Wan code paths on a CPU.
     "wan-tiny": ModelConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2),
 }

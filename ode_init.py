@@ -55,10 +55,10 @@ STORED = [0, 12, 24, 36, 48]  # trajectory points kept: the 4-step list's t (48-
 class Config:
     teacher: str = "ar"  # "ar" (causal ODE, Causal Forcing) or "bidirectional" (CausVid / Self Forcing init)
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
-    num_pairs: int = 512  # ODE trajectories to generate (one per ground-truth clip)
+    num_pairs: int = 384  # ODE trajectories to generate (one per ground-truth clip)
     guidance: float = 6.0  # CFG weight of the teacher's PF-ODE (official ODE-data default: 6)
     steps: int = 600  # student optimizer steps
-    batch_size: int = 32
+    batch_size: int = 16
     lr: float = 3e-4
     warmup: int = 50
     ema_decay: float = 0.99

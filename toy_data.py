@@ -20,8 +20,10 @@ Geometry (pixel units): x = column, y = row, (0, 0) is the top-left corner of th
 has its centre at (j + 0.5, i + 0.5). A shape's *position* is the centre of its bounding box; its walls are
 [h, SIZE - h] per axis, h = HALF_EXTENT[shape], so the shape never leaves the frame. Circle: radius 4, drawn
 as the regular octagon around that circle (8 px across, ~53 px; a true disc this small grows one-pixel nubs at
-sub-pixel positions). Square: side 6 (36 px). Triangle: apex up, base 8, height 7 (~28 px). Velocity: per
-axis, magnitude uniform in [0.5, 1.5] px/frame with a random sign, so every clip visibly moves.
+sub-pixel positions). Square: side 6 (36 px). Triangle: apex up, base 8, height 7 (~28 px). Positions sit on
+the integer lattice between the walls and the velocity is +-1 px/frame per axis (random signs): every clip
+moves diagonally and each shape always has the same raster mask. Continuous positions make a zoo of sub-pixel
+rasterisations that a CPU-sized model spends its budget on without teaching anything about causality.
 
 The exact evaluator, `evaluate(clips, prompts)`. Each key, then [what real clips score]:
   blur           mean Euclidean RGB distance from each pixel to the nearest palette colour   [0 exactly]
@@ -31,15 +33,15 @@ The exact evaluator, `evaluate(clips, prompts)`. Each key, then [what real clips
                  colour. Shape: best IoU of the foreground mask against the renderer's own
                  masks on a 1/4 px grid of positions. An empty frame votes "none" (wrong)    [1 exactly]
   motion         mean displacement (px/frame) of the foreground centroid between
-                 consecutive frames: the Dynamic-Degree analogue                             [1.43, the data's]
-  motion_gap     |motion - motion of the reference set|                                     [~0.02 at n=64]
+                 consecutive frames: the Dynamic-Degree analogue                       [sqrt(2) = 1.414]
+  motion_gap     |motion - motion of the reference set|                               [0.000]
   physics        RMS residual (px) of the measured positions from the best straight-line-
-                 with-bounce path, fitted per clip and axis by grid search                  [0.18: pixel grid]
+                 with-bounce path, fitted per clip and axis by grid search            [0.02: fit grid]
   fd             Frechet distance between Gaussian fits of 13 per-clip features (mean
                  position, mean |step| per axis, colour fractions, shape IoUs, area, blur,
-                 physics residual; z-scored by the reference) and those of 512 real clips   [~0.6 at n=64: noise]
-Real clips' fd is sampling noise: ~1.1 at n=32, ~0.6 at n=64, ~0.2 at n=256, so compare a model's fd (and
-motion_gap) against `real_metrics(n)` at the same n. Prompts are used only by prompt_acc.
+                 physics residual; z-scored by the reference) and those of 512 real clips [0.37 at n=64: noise]
+Real clips' fd is sampling noise (0.37 for the 64 clips of `python toy_data.py`; it shrinks as n grows), so
+compare a model's fd against `real_metrics(n)` at the same n. Prompts are used only by prompt_acc.
 
 Run `python toy_data.py` to print the metrics of real clips beside corrupted ones (blurred, static, shuffled,
 wrong prompt), time the sampler and the evaluator, and write out/toy_real.gif.
@@ -65,10 +67,10 @@ CIRCLE_RADIUS = 4.0  # sizes chosen so the three masks differ a lot at 16x16 (ci
 SQUARE_SIDE = 6.0
 TRIANGLE_BASE, TRIANGLE_HEIGHT = 8.0, 7.0
 HALF_EXTENT = torch.tensor([[4.0, 4.0], [3.0, 3.0], [4.0, 3.5]])  # (shape, xy): half the bounding box
-SPEED_MIN, SPEED_MAX = 0.5, 1.5  # px/frame per axis
+SPEED = 1.0  # px/frame per axis, random sign
 PALETTE = torch.tensor([BACKGROUND, *COLOURS.values()])  # (4, 3); index 0 is the background
 
-FIT_VMAX = 2.0  # the physics fit searches velocities in [-2, 2] px/frame per axis (data: |v| <= 1.5)
+FIT_VMAX = 2.0  # the physics fit searches velocities in [-2, 2] px/frame per axis (data: |v| = 1)
 REF_N, REF_SEED = 512, 1234  # the default reference set of real clips
 FD_FLOOR = 0.1  # features constant on real clips (blur = 0) are z-scored with this scale instead of std 0
 
@@ -144,10 +146,10 @@ def sample_trajectories(n, seed=None, generator=None, frames=FRAMES, prompts=Non
     colour, shape = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(n, 2).unbind(1)
     lo = HALF_EXTENT[shape]  # (n, 2): the walls keep the whole bounding box inside the frame
     hi = SIZE - lo
-    p0 = lo + (hi - lo) * torch.rand(n, 2, generator=generator)  # (n, 2)
-    speed = SPEED_MIN + (SPEED_MAX - SPEED_MIN) * torch.rand(n, 2, generator=generator)
+    steps = torch.floor(hi - lo + 1e-6) + 1  # (n, 2) lattice positions between the walls
+    p0 = lo + torch.floor(torch.rand(n, 2, generator=generator) * steps)  # (n, 2), on the integer lattice
     sign = torch.randint(0, 2, (n, 2), generator=generator) * 2 - 1
-    v = sign * speed  # (n, 2), drawn once per clip: the randomness every frame shares
+    v = sign * SPEED  # (n, 2), drawn once per clip: the randomness every frame shares
     t = torch.arange(frames, dtype=torch.float32)
     pos = bounce(p0[:, None] + v[:, None] * t[None, :, None], lo[:, None], hi[:, None])  # (n, F, 2)
     return dict(shape=shape, colour=colour, p0=p0, v=v, pos=pos, prompts=prompts)

@@ -15,7 +15,7 @@ from test_model import random_model
 
 def tiny_run(tmp_path, **kw):
     """A few-step configuration of ar_teacher.py: same code, tiny budgets."""
-    base = dict(steps=3, batch_size=4, warmup=1, eval_every=1000, ckpt_every=1000, eval_clips=9, eval_steps=2,
+    base = dict(base_steps=3, ar_steps=3, batch_size=4, warmup=1, eval_every=1000, ckpt_every=1000, eval_clips=9, eval_steps=2,
                 out_dir=str(tmp_path))
     return ar_teacher.Config(**{**base, **kw})
 
@@ -83,7 +83,7 @@ def test_smoke_base_then_ar_then_diffusion_forcing(tmp_path, monkeypatch):
 
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     shrink_toy_preset(monkeypatch)
-    cfg = tiny_run(tmp_path / "a", phase="base", steps=4, ckpt_every=2)
+    cfg = tiny_run(tmp_path / "a", phase="base", base_steps=4, ckpt_every=2)
     ar_teacher.train(cfg)
     straight = M.load_checkpoint(str(tmp_path / "a" / "base.pt"))
 

@@ -73,7 +73,7 @@ def test_trajectory_is_straight_line_with_bounce():
     hi = td.SIZE - lo
     pos, p0, v = tr["pos"], tr["p0"], tr["v"]
     assert ((pos >= lo[:, None] - 1e-5) & (pos <= hi[:, None] + 1e-5)).all()  # the shape never leaves the frame
-    assert (v.abs() >= td.SPEED_MIN).all() and (v.abs() <= td.SPEED_MAX).all()
+    assert (v.abs() == td.SPEED).all() and torch.equal(p0 - lo, (p0 - lo).round())  # integer lattice
     # an independent step-by-step simulation: move by v, reflect off a wall and flip that velocity component
     p, vel = p0.clone(), v.clone()
     for f in range(pos.shape[1]):
