@@ -24,7 +24,8 @@ Commands (toy, CPU; the README lists measured times):
     python ar_teacher.py --phase ar                    # -> checkpoints/ar_teacher.pt            (frame-wise)
     python ar_teacher.py --phase ar --frames-per-block 3   # -> checkpoints/ar_teacher_chunkwise.pt
     python ar_teacher.py --phase ar --diffusion-forcing    # -> checkpoints/ar_diffusion_forcing.pt (ablation)
-Add --resume to continue an interrupted run from its last checkpoint.
+Add --resume to continue an interrupted run from its last checkpoint; --resume --ship on a finished run writes
+the fp16 EMA weights that this repository ships in pretrained/ (later stages fall back to them).
 """
 import copy
 import math
@@ -67,6 +68,10 @@ class Config:
     seed: int = 0
     device: str = "auto"
     resume: bool = False
+    ship: bool = False  # also write the fp16 EMA weights to pretrained/ (the files this repository ships)
+
+
+SHIPPED_DIR = "pretrained"  # toy teachers shipped with the repository, so stage 2 can start in seconds
 
 
 def checkpoint_path(cfg):
@@ -91,12 +96,36 @@ def make_command(cfg):
     return cmd + (f" --out-dir {cfg.out_dir}" if cfg.out_dir != "checkpoints" else "")
 
 
+def find_teacher(cfg):
+    """The teacher checkpoint a later stage should read: the run's own, else (for the default out_dir) the one
+    shipped in pretrained/, else None."""
+    path = checkpoint_path(cfg)
+    shipped = os.path.join(SHIPPED_DIR, os.path.basename(path))
+    if os.path.exists(path):
+        return path
+    if cfg.out_dir == Config.out_dir and os.path.exists(shipped):
+        return shipped
+    return None
+
+
 def load_teacher(out_dir="checkpoints", phase="ar", frames_per_block=1, diffusion_forcing=False, device="cpu"):
     """Load a finished teacher (its EMA weights) for a later stage; a missing one names the command that makes it."""
     cfg = Config(phase=phase, frames_per_block=frames_per_block, diffusion_forcing=diffusion_forcing, out_dir=out_dir)
-    ckpt = load_checkpoint(checkpoint_path(cfg), stage="base" if phase == "base" else "ar_teacher",
-                           make_cmd=make_command(cfg))
+    path = find_teacher(cfg) or checkpoint_path(cfg)
+    if path.startswith(SHIPPED_DIR):
+        print(f"using the shipped teacher {path} (regenerate it with: {make_command(cfg)} --ship)")
+    ckpt = load_checkpoint(path, stage="base" if phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
+
+
+def ship(path):
+    """Write the fp16 EMA weights of a finished checkpoint, with its configs and metrics, to pretrained/."""
+    ckpt = load_checkpoint(path)
+    ema = {k: v.half() for k, v in ckpt["ema"].items()}
+    keep = {k: ckpt[k] for k in ("stage", "model_config", "config", "step", "metrics", "minutes") if k in ckpt}
+    dest = os.path.join(SHIPPED_DIR, os.path.basename(path))
+    save_checkpoint(dest, **keep, ema=ema, model=ema)  # one copy on disk: torch.save stores shared tensors once
+    print(f"shipped {dest} ({os.path.getsize(dest) / 2 ** 20:.1f} MiB)")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -182,7 +211,7 @@ def train(cfg):
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
         differ = {k: (ckpt["config"].get(k), v) for k, v in asdict(cfg).items()
-                  if k not in ("resume", "eval_every", "ckpt_every", "device") and ckpt["config"].get(k) != v}
+                  if k not in ("resume", "ship", "eval_every", "ckpt_every", "device") and ckpt["config"].get(k) != v}
         if differ:
             raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         model.load_state_dict(ckpt["model"])
@@ -258,7 +287,7 @@ def train(cfg):
     pbar.close()
 
     # the closing metric line: the EMA model's samples beside real clips of the same count
-    minutes = (time.time() - t_start) / 60
+    minutes = (time.time() - t_start) / 60 if history_metrics else load_checkpoint(path).get("minutes", 0.0)
     metrics = history_metrics.get(step) or toy_data.evaluate(*generate(ema, cfg, cfg.eval_clips, 1234, text))
     real = toy_data.real_metrics(cfg.eval_clips, seed=0)
     name = os.path.basename(path)
@@ -266,6 +295,8 @@ def train(cfg):
     print(f"{'real clips':>{len(name)}} | {metric_line(real)}")
     ckpt = load_checkpoint(path)
     save_checkpoint(path, **{**ckpt, "metrics": metrics, "minutes": minutes})
+    if cfg.ship:
+        ship(path)
     return metrics
 
 

@@ -86,9 +86,8 @@ def ensure_teachers(cfg):
     base = ar_teacher.Config(phase="base", out_dir=cfg.out_dir)
     ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir)
     for tcfg in (base, ar):
-        path = ar_teacher.checkpoint_path(tcfg)
-        if not os.path.exists(path):
-            print(f"{path} is missing: training it now ({ar_teacher.make_command(tcfg)})")
+        if ar_teacher.find_teacher(tcfg) is None:  # neither trained here nor shipped in pretrained/
+            print(f"{ar_teacher.checkpoint_path(tcfg)} is missing: training it now ({ar_teacher.make_command(tcfg)})")
             ar_teacher.train(tcfg)
 
 

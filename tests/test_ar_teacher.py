@@ -147,3 +147,20 @@ def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
         M.parse_config(ar_teacher.Config, ["--phase", "ar", "--learning-rate", "1"])
     with pytest.raises(ValueError, match="--phase must be"):
         ar_teacher.train(tiny_run(tmp_path, phase="teacher"))
+
+
+def test_ship_writes_small_strict_loadable_teacher_and_later_stages_fall_back_to_it(tmp_path, monkeypatch):
+    shrink_toy_preset(monkeypatch)
+    monkeypatch.chdir(tmp_path)  # the default out_dir "checkpoints" and the shipped dir, inside tmp_path
+    ar_teacher.train(tiny_run("checkpoints", phase="base", ship=True))
+    full = M.load_checkpoint("checkpoints/base.pt")
+    shipped = M.load_checkpoint("pretrained/base.pt", stage="base")
+    assert set(shipped) >= {"stage", "model_config", "config", "ema", "metrics"} and "optimizer" not in shipped
+    assert all(v.dtype == torch.float16 for v in shipped["ema"].values())
+    os.remove("checkpoints/base.pt")
+    teacher, ckpt = ar_teacher.load_teacher(phase="base")  # falls back to pretrained/
+    for k, v in full["ema"].items():
+        assert torch.allclose(teacher.state_dict()[k], v, atol=1e-3, rtol=1e-3), k
+    # a non-default out_dir never falls back: it must hold its own teacher
+    with pytest.raises(FileNotFoundError, match="python ar_teacher.py --phase base --out-dir elsewhere"):
+        ar_teacher.load_teacher("elsewhere", phase="base")
