@@ -16,8 +16,8 @@ Prop. 3.4: a strictly positive train/test mismatch; expected to sample worse).
 
 Differences from the official code (thu-ml/Causal-Forcing): the toy trains from scratch for the base (the
 official stage 1 starts from Wan2.1); the toy's recipe (lr 1e-3 with warmup and cosine decay, EMA weights for
-sampling, batch 32, its own timestep shift) is tuned for a 2-core CPU, where the official one is AdamW lr 2e-6,
-betas (0, 0.999) at batch 64 on GPUs; the AR teacher is sampled with 48-step Euler + CFG instead of 50-step UniPC.
+sampling, batch 16, timestep shift 2, plain flow matching for the base) is tuned for a 2-core CPU, where the
+official one is AdamW lr 2e-6, betas (0, 0.999) at batch 64 on GPUs; the AR teacher is sampled with 48-step Euler + CFG instead of 50-step UniPC.
 
 Commands (toy, CPU; the README lists measured times):
     python ar_teacher.py --phase base                  # -> checkpoints/base.pt
@@ -37,6 +37,7 @@ import torch
 from tqdm import tqdm
 
 import toy_data
+from toy_data import metric_line
 from model import (DiT, PRESETS, ModelConfig, add_noise, autocast, count_parameters, load_checkpoint,
                    loss_weight, model_from_checkpoint, parse_config, pick_device, save_checkpoint, timestep_grid)
 from sample_stream import sample_ar, sample_bidirectional
@@ -174,10 +175,6 @@ def generate(model, cfg, n, seed, text):
     else:
         clips = sample_ar(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance, cfg.frames_per_block)
     return clips.cpu(), prompts
-
-
-def metric_line(m):
-    return " ".join(f"{k} {v:.3f}" for k, v in m.items())
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import ar_teacher
 import toy_data
 from model import (add_noise, autocast, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
                    pick_device, save_checkpoint, timestep_grid, x0_from_v)
-from sample_stream import cfg_velocity, toy_few_step_samples
+from sample_stream import cfg_velocity, toy_few_step_report
 
 
 @dataclass
@@ -145,19 +145,11 @@ def train(cfg):
     pbar.close()
     cd_minutes = (time.time() - t_cd) / 60
 
-    metrics = {}
-    for n_steps in (1, 2, 4):  # frame-wise few-step samples of the EMA student, the stage's output
-        clips, prompts = toy_few_step_samples(ema, cfg.eval_clips, n_steps, cfg.frames_per_block)
-        metrics[n_steps] = toy_data.evaluate(clips, prompts)
-        print(f"causal_cd {n_steps}-step | {ar_teacher.metric_line(metrics[n_steps])}")
-        if n_steps == 4:
-            gif = os.path.join(cfg.out_dir, "samples", "causal_cd_4step.gif")
-            os.makedirs(os.path.dirname(gif), exist_ok=True)
-            toy_data.save_video(gif, clips[:18], ncols=9)
+    metrics = toy_few_step_report(ema, "causal_cd", cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
     real = toy_data.real_metrics(cfg.eval_clips, seed=0)
-    print(f"real clips        | {ar_teacher.metric_line(real)}")
+    print(f"real clips        | {toy_data.metric_line(real)}")
     print(f"causal_cd: CD {cd_minutes:.1f} min, 0 bytes of trajectories stored; total {(time.time() - t_start) / 60:.1f} "
-          f"min -> {path}, 4-step GIF {gif}")
+          f"min -> {path}")
     save(metrics=metrics, minutes=cd_minutes)
     return metrics
 

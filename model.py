@@ -38,12 +38,11 @@ Commands: this file has no main; `python -m pytest -q` tests it (see README).
 """
 import math
 import os
-import sys
 import json
 import argparse
 import contextlib
 import dataclasses
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -33,7 +33,6 @@ Commands (toy, CPU; times in the README):
     python ode_init.py --plot                     # both students if missing, then injectivity.png
 """
 import copy
-import math
 import os
 import time
 from dataclasses import dataclass, asdict
@@ -42,11 +41,11 @@ import torch
 from tqdm import tqdm
 
 import toy_data
-from ar_teacher import load_teacher, metric_line
-from model import (add_noise, autocast, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
+from ar_teacher import load_teacher
+from model import (autocast, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
                    save_checkpoint, warped_steps, x0_from_v)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
-                           toy_few_step_samples)
+                           toy_few_step_report, toy_few_step_samples)
 
 STORED = [0, 12, 24, 36, 48]  # trajectory points kept: the 4-step list's t (48-grid indices 0/12/24/36) + endpoint
 
@@ -235,15 +234,7 @@ def train(cfg):
         if step % cfg.ckpt_every == 0:
             save()
     pbar.close()
-    metrics = {}
-    for n_steps in (1, 2, 4):
-        clips, prompts = toy_few_step_samples(ema, cfg.eval_clips, n_steps, cfg.frames_per_block)
-        metrics[n_steps] = toy_data.evaluate(clips, prompts)
-        print(f"{stage_name(cfg.teacher)} {n_steps}-step | {metric_line(metrics[n_steps])}")
-        if n_steps == 4:
-            gif = os.path.join(cfg.out_dir, "samples", f"{stage_name(cfg.teacher)}_4step.gif")
-            os.makedirs(os.path.dirname(gif), exist_ok=True)
-            toy_data.save_video(gif, clips[:18], ncols=9)
+    metrics = toy_few_step_report(ema, stage_name(cfg.teacher), cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
     minutes = (time.time() - t_start) / 60
     print(f"{stage_name(cfg.teacher)}: {minutes:.1f} min including pairs ({pairs['seconds'] / 60:.1f} min, "
           f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored)")
@@ -365,27 +356,31 @@ def plot_injectivity(cfg, path="injectivity.png", K=6):
 
     fig = plt.figure(figsize=(15, 9.5))
     gs = fig.add_gridspec(2, 3, height_ratios=[1, 1.05])
+    colour = {"data": "k", "bidirectional teacher": "C0", "AR teacher": "C1", "bidirectional-ODE student": "C3",
+              "causal-ODE student": "C2"}
     ax = fig.add_subplot(gs[0, 0])
     for name, v in var.items():
-        ax.semilogy(range(nF), [max(x, 1e-16) for x in v], "o-", label=name)
+        label = name + (" (exactly 0: drawn at 1e-16)" if max(v) == 0 else "")
+        ax.semilogy(range(nF), [max(x, 1e-16) for x in v], "o-", color=colour[name], label=label)
     ax.set_xlabel("frame index i")
     ax.set_ylabel("variance of frame i's ODE endpoint\nover resampled noise of frames > i")
     ax.set_title("(a) who decides frame i from the future?")
     ax.legend()
     ax = fig.add_subplot(gs[0, 1])
     for name in ("data", "bidirectional teacher", "AR teacher", "bidirectional-ODE student", "causal-ODE student"):
-        ax.plot(range(nF), stats[name]["blur"], "o-", label=name, lw=2.5 if "student" in name else 1.2)
+        ax.plot(range(nF), stats[name]["blur"], "o-", label=name, color=colour[name],
+                lw=2.5 if "student" in name else 1.2)
     ax.set_xlabel("frame index i")
     ax.set_ylabel("blur (RGB distance to nearest palette colour)")
     ax.set_title("(c) blur per frame: 1-step students, 48-step teachers")
     ax.legend(fontsize=8)
     ax = fig.add_subplot(gs[0, 2])
     names = ["data", "bidirectional teacher", "AR teacher", "bidirectional-ODE student", "causal-ODE student"]
-    ax.bar(range(len(names)), [stats[n]["m2"] for n in names], color=["k", "C0", "C1", "C3", "C2"])
+    ax.bar(range(len(names)), [stats[n]["m2"] for n in names], color=[colour[n] for n in names])
     ax.axhline(1.0, color="k", ls=":", lw=1)
-    ax.set_xticks(range(len(names)), [n.replace(" ", "\n", 1) for n in names], fontsize=8)
+    ax.set_xticks(range(len(names)), [n.replace(" ", "\n").replace("-ODE", "-\nODE") for n in names], fontsize=8)
     ax.set_ylabel("second moment E[x^2] of the output pixels")
-    ax.set_title("(d) Prop. 3.3: the blurred student loses energy")
+    ax.set_title("(d) second moment of the outputs (Prop. 3.3)")
     # (b) picture row: frame 0 of prompt 0
     ax = fig.add_subplot(gs[1, :2])
     bi_ends = pics["bidirectional teacher"][:, 0]  # (K, C, H, W)
@@ -408,8 +403,8 @@ def plot_injectivity(cfg, path="injectivity.png", K=6):
     ax.set_ylabel("frame-1 output")
     ax.set_title("(e) exact miniature: x1 in {-1,+1}, x2 = x1")
     ax.legend(fontsize=7, loc="upper left")
-    fig.suptitle("Frame-level injectivity: an AR teacher maps each noisy frame to one clean frame; "
-                 "a bidirectional teacher does not, and its causal student learns the blurred average", fontsize=12)
+    fig.suptitle("Frame-level injectivity: an AR teacher maps each noisy frame to one clean frame; a bidirectional "
+                 "teacher does not, so a causal student fitted to its pairs can at best learn an average", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     summary = {"variance": var, "second_moment": {n: stats[n]["m2"] for n in names},

@@ -14,6 +14,8 @@ The ODE grids are the model's own (`timestep_grid(n, model.cfg.shift)`, then a f
 
 Command: imported by the stage scripts; no CLI yet.
 """
+import os
+
 import torch
 
 import toy_data
@@ -128,3 +130,18 @@ def toy_few_step_samples(model, n, steps, frames_per_block=1, seed=1234, first_b
     first = warped_steps(4, model.cfg.shift) if first_block_4step else None
     clips = sample_stream(model, noise, ctx, warped_steps(steps, model.cfg.shift), frames_per_block, first, generator=g)
     return clips.cpu(), prompts
+
+
+def toy_few_step_report(model, name, n, frames_per_block, out_dir):
+    """Every stage-2/3 student's closing report: 1-, 2- and 4-step samples from fixed noise, one evaluator line
+    each, and a GIF of the 4-step clips in out_dir/samples/. Returns {steps: metrics}."""
+    metrics = {}
+    for n_steps in (1, 2, 4):
+        clips, prompts = toy_few_step_samples(model, n, n_steps, frames_per_block)
+        metrics[n_steps] = toy_data.evaluate(clips, prompts)
+        print(f"{name} {n_steps}-step | {toy_data.metric_line(metrics[n_steps])}")
+    gif = os.path.join(out_dir, "samples", f"{name}_4step.gif")
+    os.makedirs(os.path.dirname(gif), exist_ok=True)
+    toy_data.save_video(gif, clips[:18], ncols=9)
+    print(f"{name}: 4-step samples -> {gif}")
+    return metrics

@@ -372,6 +372,11 @@ def blur_per_frame(clips):
     return d2.sqrt().mean((-1, -2))
 
 
+def metric_line(metrics):
+    """One printable line of evaluate()'s dict."""
+    return " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+
 def real_metrics(n=64, seed=0, frames=FRAMES):
     """evaluate() of n fresh real clips: the numbers to print beside a model's (same n, same frames)."""
     clips, prompts = sample_clips(n, seed=seed, frames=frames)
