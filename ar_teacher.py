@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 import toy_data
 from toy_data import metric_line
-from model import (DiT, PRESETS, ModelConfig, add_noise, autocast, count_parameters, load_checkpoint,
+from model import (ema_update, DiT, PRESETS, ModelConfig, add_noise, autocast, count_parameters, load_checkpoint,
                    loss_weight, model_from_checkpoint, parse_config, pick_device, save_checkpoint, timestep_grid)
 from sample_stream import sample_ar, sample_bidirectional
 
@@ -262,10 +262,7 @@ def train(cfg):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
-        with torch.no_grad():  # EMA with the usual warmup, so short runs are not dominated by the init
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for p_ema, p in zip(ema.parameters(), model.parameters()):
-                p_ema.lerp_(p, 1 - decay)
+        ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # warmup: short runs forget the init
         step += 1
         history.append(loss.item())
         pbar.update(1)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import ar_teacher
 import toy_data
-from model import (add_noise, autocast, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
+from model import (ema_update, add_noise, autocast, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
                    pick_device, save_checkpoint, timestep_grid, x0_from_v)
 from sample_stream import cfg_velocity, toy_few_step_report
 
@@ -133,9 +133,7 @@ def train(cfg):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():  # EMA target, decay 0.99 from step 0 (official)
-            for p_ema, p in zip(ema.parameters(), student.parameters()):
-                p_ema.lerp_(p, 1 - cfg.ema_decay)
+        ema_update(ema, student, cfg.ema_decay)  # the target network: decay 0.99 from step 0 (official)
         step += 1
         history.append(loss.item())
         pbar.update(1)

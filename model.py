@@ -658,6 +658,13 @@ def parse_config(cls, argv=None, description=None):
     return cls(**vars(parser.parse_args(argv)))
 
 
+@torch.no_grad()
+def ema_update(ema, model, decay):
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter."""
+    for p_ema, p in zip(ema.parameters(), model.parameters()):
+        p_ema.lerp_(p, 1 - decay)
+
+
 def save_checkpoint(path, **payload):
     """Atomic write: a crash mid-save leaves the previous checkpoint intact (tmp file + os.replace)."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

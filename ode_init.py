@@ -42,7 +42,7 @@ from tqdm import tqdm
 
 import toy_data
 from ar_teacher import load_teacher
-from model import (autocast, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
+from model import (ema_update, autocast, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
                    save_checkpoint, warped_steps, x0_from_v)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
@@ -224,9 +224,7 @@ def train(cfg):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            for p_ema, p in zip(ema.parameters(), student.parameters()):
-                p_ema.lerp_(p, 1 - min(cfg.ema_decay, (1 + step) / (10 + step)))
+        ema_update(ema, student, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
         history.append(loss.item())
         pbar.update(1)
