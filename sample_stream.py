@@ -1,20 +1,29 @@
 """
-sample_stream.py — the samplers every stage shares, written as plain functions.
+sample_stream.py — the samplers every stage shares, and the real-time streaming CLI.
 
     sample_bidirectional   N-step Euler PF-ODE with CFG on whole clips        (stage 0 base; bidirectional ODE pairs)
     sample_ar              N-step Euler PF-ODE with CFG, block by block,      (stage 1 AR teacher)
                            through the KV cache, with the t = 0 refresh
-    sample_stream          few-step streaming inference of a distilled model:  (stages 2 and 3; the CLI)
-                           predict x0, re-noise to the next step, t = 0 refresh
+    sample_stream          few-step streaming inference of a distilled model:  (stages 2 and 3; the CLI; and the
+                           predict x0, re-noise to the next step, t = 0 refresh  DMD rollout with an exit step)
+    sample_recompute       the same without a KV cache: every block re-encodes its whole prefix (the baseline)
     cfg_velocity           v = v_uncond + w (v_cond - v_uncond), one batched forward
+    Stream                 a live session: one block at a time, prompt switches, I2V, a rolling cache
 
 The time convention is model.py's: t = 1000 is noise, t = 0 is data; the model predicts v = eps - x0.
 The ODE grids are the model's own (`timestep_grid(n, model.cfg.shift)`, then a final step to t = 0), so a
 48-step sampler walks 1000 -> 995.8 -> ... -> 96.2 -> 0 at shift 5.
 
-Command: imported by the stage scripts; no CLI yet.
+Commands (toy checkpoints; every run also prints first-frame latency, per-frame latency and frames/s, with and
+without the KV cache):
+    python sample_stream.py --prompt "red circle"                                  # 48 frames, rolling cache
+    python sample_stream.py --frames 96 --switch 32:"green square" --switch 64:"blue triangle"
+    python sample_stream.py --interactive                     # type a new prompt while frames keep coming
+    python sample_stream.py --first-frame out/toy_first_frame.png                   # I2V (frame-wise models)
+    python sample_stream.py --bench                           # the speed table and the long-stream drift check
 """
 import os
+import time
 
 import torch
 
@@ -90,35 +99,76 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
     return (x0, torch.cat(trajs, dim=2)) if return_trajectory else x0
 
 
-@torch.no_grad()
 def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_steps=None, generator=None,
-                  cache=None, start_frame=0):
-    """Few-step inference of a distilled causal model (Self Forcing Alg. 2; Causal Forcing inference).
+                  cache=None, start_frame=0, exit_step=None, exit_step_first=None):
+    """Few-step inference of a distilled causal model (Self Forcing Alg. 2; Causal Forcing inference), and the
+    generator rollout of DMD training (Self Forcing Alg. 1): one function, so training sees exactly what
+    inference does.
+
     For each block: start from its noise; for each t in `steps` (a warped list such as [1000, 937.5, 833.3, 625])
     predict x0_hat = x_t - s v, and unless it is the last step re-noise it with *fresh* noise to the next t;
     the last x0_hat is the block. Then run the block once more at t = 0 so its clean K/V overwrite its cache
     slot. No CFG: guidance is distilled into the model. Block 0 may use its own list (`first_block_steps`: the
     1/2-step Causal Forcing++ models use the 4-step list for the first frame).
+
+    Training (dmd.py) passes `exit_step` (and `exit_step_first` for block 0's list): every block stops at that
+    step index and its x0_hat there is the block's output. Steps before the exit and the t = 0 refresh always
+    run without gradient; the exit step runs with whatever grad mode the caller set, so under
+    torch.enable_grad() gradient reaches the weights only through the exit steps and never crosses blocks
+    (the cache holds detached K/V). exit_step=None means the last step: plain inference.
     noise: (B, F, C, H, W); returns x0 (B, F, C, H, W). Pass a `cache` (and `start_frame`) to continue a stream."""
     B, nF = noise.shape[:2]
     if nF % frames_per_block:
         raise ValueError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
+    grad = torch.is_grad_enabled()
     cache = cache if cache is not None else KVCache(max_frames=start_frame + nF)
     out = []
     for i, s in enumerate(range(0, nF, frames_per_block)):
-        ts = first_block_steps if (i == 0 and start_frame == 0 and first_block_steps) else steps
+        first = i == 0 and start_frame == 0 and bool(first_block_steps)
+        ts = first_block_steps if first else steps
+        stop = exit_step_first if first else exit_step
+        stop = len(ts) - 1 if stop is None else stop
         x = noise[:, s:s + frames_per_block]
-        for j, t in enumerate(ts):
+        for j, t in enumerate(ts[:stop + 1]):
             tt = torch.full(x.shape[:2], float(t), device=x.device)
-            x0_hat = x0_from_v(x, model(x, tt, ctx, cache=cache, start_frame=start_frame + s), t)
-            if j + 1 < len(ts):  # re-noise with fresh noise to the next step
+            with torch.set_grad_enabled(grad and j == stop):  # only the exit step may carry gradient
+                x0_hat = x0_from_v(x, model(x, tt, ctx, cache=cache, start_frame=start_frame + s), t)
+            if j < stop:  # re-noise with fresh noise to the next step
                 eps = torch.randn(x.shape, generator=generator).to(x.device)
                 x = add_noise(x0_hat, eps, ts[j + 1])
-        model(x0_hat, torch.zeros(x.shape[:2], device=x.device), ctx, cache=cache, start_frame=start_frame + s)
+        with torch.no_grad():  # the t = 0 refresh: clean K/V for every later block, no gradient across blocks
+            model(x0_hat.detach(), torch.zeros(x.shape[:2], device=x.device), ctx, cache=cache,
+                  start_frame=start_frame + s)
         out.append(x0_hat)
     return torch.cat(out, dim=1)
 
 
+@torch.no_grad()
+def sample_recompute(model, noise, ctx, steps, frames_per_block=1, first_block_steps=None, generator=None):
+    """The no-cache baseline: the same few-step sampler, but every forward re-encodes the whole clean prefix
+    together with the current block (block-causal mask, prefix at t = 0) instead of reading cached K/V. It
+    computes exactly what sample_stream computes (the cache holds those very prefix K/V), at a cost per block
+    that grows with the prefix: the KV cache's speed-up is the ratio of the two."""
+    B, nF = noise.shape[:2]
+    if nF % frames_per_block:
+        raise ValueError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
+    out = []
+    for i, s in enumerate(range(0, nF, frames_per_block)):
+        ts = first_block_steps if (i == 0 and first_block_steps) else steps
+        x = noise[:, s:s + frames_per_block]
+        past = torch.cat(out, dim=1) if out else noise[:, :0]
+        for j, t in enumerate(ts):
+            tt = torch.cat([torch.zeros(B, s), torch.full((B, frames_per_block), float(t))], 1).to(x.device)
+            v = model(torch.cat([past, x], dim=1), tt, ctx, frames_per_block=frames_per_block)[:, s:]
+            x0_hat = x0_from_v(x, v, t)
+            if j + 1 < len(ts):
+                eps = torch.randn(x.shape, generator=generator).to(x.device)
+                x = add_noise(x0_hat, eps, ts[j + 1])
+        out.append(x0_hat)
+    return torch.cat(out, dim=1)
+
+
+@torch.no_grad()
 def toy_few_step_samples(model, n, steps, frames_per_block=1, seed=1234, first_block_4step=False):
     """n toy clips from fixed noise (same seed -> same noise for every model), prompts cycling through all 9,
     with the few-step sampler on the model's warped step list. Returns (clips on CPU, prompts)."""
@@ -145,3 +195,316 @@ def toy_few_step_report(model, name, n, frames_per_block, out_dir):
     toy_data.save_video(gif, clips[:18], ncols=9)
     print(f"{name}: 4-step samples -> {gif}")
     return metrics
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Streaming: a live session, block by block
+
+
+class Stream:
+    """One generation stream of batch B, advanced one block at a time, as a real-time app would drive it.
+
+    The KV cache is either full (window=None: one slot per frame up to max_frames) or rolling (the `sink`
+    first frames plus the `window` most recent ones, Self Forcing / StreamingLLM style), which lets a stream
+    run far beyond the training length in constant memory. RoPE positions stay absolute; attention only ever
+    sees relative offsets, which stay within the training range for window frames (not for sinks: see
+    the README's drift measurement). `set_prompt` switches the cross-attention context for later blocks
+    (the cached past keeps the K/V it was written with). `write_frames` puts given clean frames (I2V's first
+    frame) into the cache at t = 0, the same write as the refresh after a generated block."""
+
+    def __init__(self, model, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0,
+                 max_frames=None, generator=None):
+        self.model, self.steps, self.fpb, self.first = model, steps, frames_per_block, first_block_steps
+        self.cache = KVCache(window=window, sink=sink) if window else KVCache(max_frames=max_frames)
+        self.generator = generator
+        self.frame = 0  # absolute index of the next frame
+        self.ctx = None
+
+    def set_prompt(self, ctx):
+        self.ctx = ctx
+
+    @torch.no_grad()
+    def write_frames(self, frames):
+        """Clean frames (B, n, C, H, W) -> cache at t = 0; they become the stream's next n frames."""
+        t0 = torch.zeros(frames.shape[:2], device=frames.device)
+        self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame)
+        self.frame += frames.shape[1]
+        return frames
+
+    @torch.no_grad()
+    def next_block(self, batch=1):
+        """Generate the next block (B, frames_per_block, C, H, W) from fresh noise."""
+        p = next(self.model.parameters())
+        c, (h, w) = self.model.cfg.in_dim, self.frame_hw
+        noise = torch.randn(batch, self.fpb, c, h, w, generator=self.generator).to(p.device)
+        out = sample_stream(self.model, noise, self.ctx, self.steps, self.fpb, self.first, self.generator,
+                            cache=self.cache, start_frame=self.frame)
+        self.frame += self.fpb
+        return out
+
+    frame_hw = (toy_data.SIZE, toy_data.SIZE)
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_stream(model, frames, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0,
+                 ctx=None, seed=0):
+    """Run a batch-1 stream of `frames` frames block by block; return (clip, seconds per block)."""
+    dev = next(model.parameters()).device
+    ctx = ctx if ctx is not None else toy_data.TextEncoder()([toy_data.PROMPTS[0]]).to(dev)
+    stream = Stream(model, steps, frames_per_block, first_block_steps, window, sink, max_frames=frames,
+                    generator=torch.Generator().manual_seed(seed))
+    stream.set_prompt(ctx)
+    out, times = [], []
+    for _ in range(frames // frames_per_block):
+        _sync(dev)
+        t0 = time.perf_counter()
+        out.append(stream.next_block())
+        _sync(dev)
+        times.append(time.perf_counter() - t0)
+    return torch.cat(out, 1), times
+
+
+def stream_speed(model, num_steps, frames_per_block=1, frames=toy_data.FRAMES, first_block_4step=False,
+                 window=None, sink=0, recompute=True, repeats=3):
+    """Batch-1 streaming speed, after a warm-up run: first-frame latency (time to the first block), per-frame
+    latency (the later blocks' time per frame), frames/s over the whole stream; and the same stream recomputed
+    without a cache, whose frames/s gives the KV cache's speed-up. Best of `repeats` runs (least disturbed)."""
+    steps = warped_steps(num_steps, model.cfg.shift)
+    first = warped_steps(4, model.cfg.shift) if first_block_4step else None
+    dev = next(model.parameters()).device
+    ctx = toy_data.TextEncoder()([toy_data.PROMPTS[0]]).to(dev)
+    timed_stream(model, 2 * frames_per_block, steps, frames_per_block, first, window, sink, ctx)  # warm-up
+    runs = [timed_stream(model, frames, steps, frames_per_block, first, window, sink, ctx)[1] for _ in range(repeats)]
+    times = min(runs, key=sum)
+    later = times[1:] or times
+    res = dict(frames=frames, first_frame_s=min(r[0] for r in runs), per_frame_s=sum(later) / (len(later) * frames_per_block),
+               fps=frames / sum(times))
+    if recompute:
+        noise = torch.randn(1, frames, model.cfg.in_dim, *Stream.frame_hw).to(dev)
+        best = float("inf")
+        for _ in range(repeats if frames <= 32 else 1):
+            _sync(dev)
+            t0 = time.perf_counter()
+            sample_recompute(model, noise, ctx, steps, frames_per_block, first)
+            _sync(dev)
+            best = min(best, time.perf_counter() - t0)
+        res.update(fps_recompute=frames / best, cache_speedup=res["fps"] / (frames / best))
+    return res
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The CLI
+
+
+DISTILLED = ("causal_cd", "causal_ode", "bidirectional_ode", "dmd")  # checkpoints the few-step sampler can run
+
+
+def load_streamable(path):
+    """A distilled causal model from any stage-2/3 checkpoint; anything else is refused before any work."""
+    from model import load_checkpoint, model_from_checkpoint
+    ckpt = load_checkpoint(path, make_cmd="python causal_cd.py --toy")
+    stage = ckpt.get("stage")
+    if stage not in DISTILLED:
+        hint = {"base": "it is the bidirectional base (stage 0), which cannot stream",
+                "ar_teacher": "it is a multi-step AR teacher (stage 1): distil it first (python causal_cd.py --toy)"}
+        raise ValueError(f"{path} is a '{stage}' checkpoint; the streaming sampler needs a distilled few-step "
+                         f"model ({', '.join(DISTILLED)}): {hint.get(stage, 'unknown stage')}")
+    model = model_from_checkpoint(ckpt, key="ema" if "ema" in ckpt else "model").eval()
+    model.requires_grad_(False)
+    return model, ckpt
+
+
+def parse_switch(spec, n_frames, fpb):
+    """'FRAME:PROMPT' -> (frame, prompt), checked against the stream's length, blocks and vocabulary."""
+    frame, sep, prompt = spec.partition(":")
+    if not sep or not frame.strip().isdigit():
+        raise ValueError(f"--switch {spec!r}: expected FRAME:PROMPT, e.g. --switch 32:'green square'")
+    frame = int(frame)
+    if not 0 < frame < n_frames:
+        raise ValueError(f"--switch {spec!r}: frame {frame} is outside the stream (1..{n_frames - 1})")
+    if frame % fpb:
+        raise ValueError(f"--switch {spec!r}: frame {frame} is not at a block boundary ({fpb} frames per block)")
+    toy_data.parse_prompt(prompt.strip())
+    return frame, prompt.strip()
+
+
+def read_first_frame(path):
+    """An RGB image file -> (1, 1, 3, H, W) in [-1, 1], the toy's frame size checked."""
+    import imageio.v2 as imageio
+    import numpy as np
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--first-frame {path}: no such file (python toy_data.py writes an example, "
+                                f"out/toy_first_frame.png)")
+    img = np.asarray(imageio.imread(path))
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.shape[:2] != Stream.frame_hw:
+        raise ValueError(f"--first-frame {path}: image is {img.shape}, but the model makes "
+                         f"{Stream.frame_hw[0]}x{Stream.frame_hw[1]} RGB frames; resize it to that size")
+    x = torch.from_numpy(img[..., :3].astype("float32")) / 127.5 - 1
+    return x.permute(2, 0, 1)[None, None]
+
+
+def build_parser():
+    import argparse
+    p = argparse.ArgumentParser(description="Real-time streaming generation with a distilled causal model.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt", default="checkpoints/causal_cd.pt", help="a causal_cd / causal_ode / "
+                   "bidirectional_ode / dmd checkpoint")
+    p.add_argument("--prompt", default="red circle", help=f"one of {toy_data.PROMPTS}")
+    p.add_argument("--steps", type=int, default=0, help="1, 2 or 4 denoising steps per block; 0 = the "
+                   "checkpoint's own (DMD) or 4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--frames", type=int, default=48, help="frames to generate (any length: rolling cache)")
+    p.add_argument("--window", type=int, default=5, help="rolling cache: recent frames kept (0 = full cache)")
+    p.add_argument("--sink", type=int, default=0, help="rolling cache: first frames kept forever")
+    p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
+                   help="switch the prompt at FRAME (repeatable)")
+    p.add_argument("--interactive", action="store_true", help="read new prompts from stdin while streaming")
+    p.add_argument("--fps", type=float, default=8.0, help="--interactive: playback rate the stream is paced to")
+    p.add_argument("--first-frame", default=None, help="I2V: an image written into the cache as frame 0")
+    p.add_argument("--out", default="outputs/stream.gif", help=".gif or .mp4 (needs imageio-ffmpeg)")
+    p.add_argument("--no-speed", action="store_true", help="skip the printed speed measurement")
+    p.add_argument("--bench", action="store_true", help="print the speed table and the long-stream drift check")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def stdin_prompts():
+    """A daemon thread that puts each line typed on stdin into a queue (None at end of input)."""
+    import queue
+    import sys
+    import threading
+    q = queue.Queue()
+
+    def read():
+        for line in sys.stdin:
+            q.put(line.strip())
+        q.put(None)
+    threading.Thread(target=read, daemon=True).start()
+    return q
+
+
+def main(argv=None):
+    from model import pick_device
+    args = build_parser().parse_args(argv)
+    if args.bench:
+        return bench(args)
+    # every check before any work
+    model, ckpt = load_streamable(args.ckpt)
+    device = pick_device(args.device)
+    model = model.to(device)
+    fpb = ckpt["config"].get("frames_per_block", 1)
+    n_steps = args.steps or ckpt["config"].get("num_steps", 4)
+    if n_steps not in (1, 2, 4):
+        raise ValueError(f"--steps must be 1, 2 or 4 (got {n_steps})")
+    if args.frames < fpb or args.frames % fpb:
+        raise ValueError(f"--frames {args.frames} is not a whole number of {fpb}-frame blocks (this checkpoint is "
+                         f"{'frame' if fpb == 1 else 'chunk'}-wise)")
+    if args.window and args.window < fpb:
+        raise ValueError(f"--window {args.window} is smaller than a block ({fpb} frames)")
+    text = toy_data.TextEncoder()
+    text([args.prompt])  # a prompt the encoder cannot represent fails here, listing the valid ones
+    switches = dict(parse_switch(s, args.frames, fpb) for s in args.switch)
+    first_image = None
+    if args.first_frame:
+        if fpb != 1:
+            raise ValueError("--first-frame (I2V) needs a frame-wise checkpoint (frames_per_block 1)")
+        first_image = read_first_frame(args.first_frame).to(device)
+    if os.path.splitext(args.out)[1] not in (".gif", ".mp4"):
+        raise ValueError(f"--out {args.out}: write a .gif or an .mp4")
+
+    steps = warped_steps(n_steps, model.cfg.shift)
+    first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4 and first_image is None) else None
+    stream = Stream(model, steps, fpb, first, window=args.window or None, sink=args.sink, max_frames=args.frames,
+                    generator=torch.Generator().manual_seed(args.seed))
+    prompt = args.prompt
+    stream.set_prompt(text([prompt]).to(device))
+    queue = stdin_prompts() if args.interactive else None
+    if args.interactive:
+        print(f"streaming {args.frames} frames at {args.fps:g} fps; type a prompt ({', '.join(toy_data.PROMPTS)}) "
+              f"and Enter to switch, 'quit' to stop")
+    print(f"{args.ckpt}: {ckpt['stage']}, {'frame' if fpb == 1 else 'chunk'}-wise, {n_steps}-step"
+          + (" (block 0: 4-step)" if first else "") + f", prompt {prompt!r}")
+    frames, t_start = [], time.perf_counter()
+    if first_image is not None:
+        frames.append(stream.write_frames(first_image))
+    while stream.frame < args.frames:
+        if stream.frame in switches:
+            prompt = switches[stream.frame]
+            stream.set_prompt(text([prompt]).to(device))
+            print(f"frame {stream.frame}: prompt -> {prompt!r}")
+        while queue is not None and not queue.empty():
+            line = queue.get()
+            if line is None or line == "quit":
+                args.frames = stream.frame  # stop after this point
+                break
+            try:
+                text([line])
+            except ValueError as err:
+                print(f"  {err}")
+                continue
+            prompt = line
+            stream.set_prompt(text([prompt]).to(device))
+            print(f"frame {stream.frame}: prompt -> {prompt!r}")
+        if stream.frame >= args.frames:
+            break
+        frames.append(stream.next_block())
+        if args.interactive:  # pace to the playback rate, as a viewer would watch it
+            time.sleep(max(0.0, stream.frame / args.fps - (time.perf_counter() - t_start)))
+    clip = torch.cat(frames, 1).cpu()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    toy_data.save_video(args.out, clip, fps=8)
+    print(f"wrote {args.out} ({clip.shape[1]} frames)")
+    if not args.no_speed and not args.interactive and first_image is None:
+        s = stream_speed(model, n_steps, fpb, frames=args.frames, first_block_4step=first is not None,
+                         window=args.window or None, sink=args.sink, repeats=1)
+        print(f"speed (batch 1, {device.type}): first-frame latency {1000 * s['first_frame_s']:.1f} ms, per-frame "
+              f"{1000 * s['per_frame_s']:.2f} ms, {s['fps']:.0f} frames/s with the KV cache; "
+              f"{s['fps_recompute']:.0f} frames/s recomputing the prefix: {s['cache_speedup']:.1f}x")
+    return clip
+
+
+def bench(args):
+    """The speed table (issue: faster than real time, cache vs recompute at 8/32/128 frames, first-frame
+    latency of frame-wise 2-step vs chunk-wise 4-step) and the long-stream drift check."""
+    from model import DiT, ModelConfig, pick_device
+    device = pick_device(args.device)
+    model, ckpt = load_streamable(args.ckpt)
+    model = model.to(device)
+    torch.set_grad_enabled(False)
+    print(f"speed, batch 1, {device.type}, {torch.get_num_threads()} threads, {args.ckpt}; speed depends only on "
+          f"the architecture (chunk-wise rows reuse the same weights with 3-frame blocks)")
+    print(f"{'mode':34s}{'frames':>7s}{'first frame':>13s}{'per frame':>11s}{'frames/s':>10s}"
+          f"{'recompute':>11s}{'speed-up':>10s}")
+    rows = [("frame-wise 1-step (block 0 4-step)", 1, 1, True), ("frame-wise 2-step (block 0 4-step)", 2, 1, True),
+            ("frame-wise 4-step", 4, 1, False), ("chunk-wise 4-step", 4, 3, False)]
+    for name, n, fpb, first4 in rows:
+        for frames in ((8, 32, 128) if (n, fpb) == (1, 1) else (24,)):
+            window = args.window or None
+            s = stream_speed(model, n, fpb, frames=frames, first_block_4step=first4, window=window, sink=args.sink)
+            print(f"{name:34s}{frames:7d}{1000 * s['first_frame_s']:11.1f}ms{1000 * s['per_frame_s']:9.2f}ms"
+                  f"{s['fps']:10.0f}{s['fps_recompute']:11.0f}{s['cache_speedup']:9.1f}x")
+    # drift: metrics of the first and the last 6 frames of long streams, per cache setting
+    n_clips, long = 36, 96
+    prompts = [toy_data.PROMPTS[i % len(toy_data.PROMPTS)] for i in range(n_clips)]
+    ctx = toy_data.TextEncoder()(prompts).to(device)
+    fpb = ckpt["config"].get("frames_per_block", 1)
+    n_steps = args.steps or ckpt["config"].get("num_steps", 4)
+    steps = warped_steps(n_steps, model.cfg.shift)
+    print(f"\nlong streams: {n_clips} clips x {long} frames, {n_steps}-step; metrics of frames 0-5 vs the last 6")
+    for window, sink in ((None, 0), (5, 0), (5, 1), (2, 0)):
+        stream = Stream(model, steps, fpb, None, window, sink, max_frames=long,
+                        generator=torch.Generator().manual_seed(0))
+        stream.set_prompt(ctx)
+        clip = torch.cat([stream.next_block(n_clips) for _ in range(long // fpb)], 1).cpu()
+        name = "full cache" if window is None else f"window {window}, sink {sink}"
+        for part, sl in (("first", slice(0, toy_data.FRAMES)), ("last", slice(long - toy_data.FRAMES, long))):
+            m = toy_data.evaluate(clip[:, sl], prompts)
+            print(f"{name:20s} {part:5s} | {toy_data.metric_line(m)}")
+
+
+if __name__ == "__main__":
+    main()

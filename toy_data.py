@@ -44,7 +44,8 @@ Real clips' fd is sampling noise (0.37 for the 64 clips of `python toy_data.py`;
 compare a model's fd against `real_metrics(n)` at the same n. Prompts are used only by prompt_acc.
 
 Run `python toy_data.py` to print the metrics of real clips beside corrupted ones (blurred, static, shuffled,
-wrong prompt), time the sampler and the evaluator, and write out/toy_real.gif.
+wrong prompt), time the sampler and the evaluator, and write out/toy_real.gif and out/toy_first_frame.png (an I2V
+input for sample_stream.py).
 """
 import math
 import time
@@ -455,4 +456,6 @@ if __name__ == "__main__":
     print(f"sample_clips(64): {1000 * t_sample:.2f} ms, evaluate(64 clips): {1000 * t_eval:.0f} ms")
     Path("out").mkdir(exist_ok=True)
     save_video("out/toy_real.gif", clips[:16], ncols=8)
-    print("wrote out/toy_real.gif")
+    import imageio.v2 as imageio  # frame 0 of a real clip, full size: an I2V input for sample_stream.py
+    imageio.imwrite("out/toy_first_frame.png", ((clips[0, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
+    print(f"wrote out/toy_real.gif and out/toy_first_frame.png ({prompts[0]})")

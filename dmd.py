@@ -1,0 +1,353 @@
+"""
+dmd.py — stage 3: asymmetric distribution matching distillation with self rollout (Self Forcing), the last stage
+of CausVid, Self Forcing, Causal Forcing and Causal Forcing++; and the toy version of Causal Forcing++ Table 2.
+
+Stage 2 gives a few-step causal generator that was trained on ground-truth context (teacher forcing): at
+inference it conditions on its *own* past, a train/test gap (exposure bias). Stage 3 closes it: the generator
+rolls out whole clips through the KV cache exactly as at inference, and a distribution-level loss pulls the
+distribution of those clips towards the data's, as judged by two bidirectional scores:
+
+    rollout (sample_stream, exit step)   x = G(noise)                    one random exit step index, shared by
+                                                                         all blocks; steps before it and the
+                                                                         t = 0 cache writes run without grad
+    t = shift(U[0, 1000)) clamped to [20, 980]; x_t = (1 - s) x + s eps   (one t per clip, all frames)
+    x0_real = real score (frozen bidirectional base) with CFG            "where the data distribution points"
+    x0_fake = fake score (trainable bidirectional critic, no CFG)        "where the generator's distribution points"
+    g = (x0_fake - x0_real) / mean|x - x0_real|                          DMD gradient, normalised per clip
+    loss_G = 0.5 * MSE(x, stopgrad(x - g))                               so that dloss/dx = g / numel
+    loss_critic = flow matching on a fresh no-grad rollout               the critic tracks the generator
+    5 critic updates per generator update; EMA of the generator for sampling.
+
+"Asymmetric": the generator is causal, both scores are bidirectional (they see whole clips, which is what
+judging a video needs). The generator can start from any stage-2 checkpoint, `--init`:
+    causal_cd          Causal Forcing++ (python causal_cd.py --toy)
+    causal_ode         Causal Forcing   (python ode_init.py --teacher ar)
+    bidirectional_ode  CausVid / Self Forcing init (python ode_init.py --teacher bidirectional)
+    ar_teacher         the AR diffusion teacher itself (python ar_teacher.py --phase ar)
+Frame-wise 1- and 2-step generators denoise block 0 with the 4-step list (Causal Forcing++: the first frame has
+no past to lean on), later blocks with the short list; each list has its own random exit step.
+
+What to watch in the log (a healthy run): the critic loss stays near the base's own flow-matching loss (it keeps
+up with the generator); |g|, the mean magnitude of the normalised DMD gradient, is O(0.1-1) and slowly
+shrinks as the two scores agree; the evaluator's metrics of EMA samples improve or hold. A critic loss that
+climbs, or |g| that grows, means the critic lost track of the generator (lower the generator lr).
+
+Differences from the official code (thu-ml/Causal-Forcing, guandeh17/Self-Forcing): the real score is the
+toy's bidirectional base (officially Wan2.1-14B) and the critic starts from the same base (officially 1.3B);
+toy learning rates and batch; one Python process, no FSDP. The CFG weight is written in the
+`uncond + w (cond - uncond)` convention used everywhere in this repository: w = 4 here equals the official
+`cond + 3 (cond - uncond)`.
+
+Commands:
+    python dmd.py --init causal_cd --num-steps 2      # one DMD run (stage-2 checkpoint must exist)
+    python dmd.py --table                             # the toy Table 2: 4 inits x {1, 2, 4} steps, before and
+                                                      # after DMD, with frames/s and first-frame latency
+"""
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, asdict
+
+import torch
+from tqdm import tqdm
+
+import ar_teacher
+import causal_cd
+import ode_init
+import toy_data
+from model import (add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
+                   pick_device, save_checkpoint, shift_sigma, warped_steps, x0_from_v)
+from sample_stream import cfg_velocity, sample_stream, stream_speed, toy_few_step_samples
+
+INITS = ("bidirectional_ode", "ar_teacher", "causal_ode", "causal_cd")  # the table's row order (CF++ Table 2)
+
+
+@dataclass
+class Config:
+    init: str = "causal_cd"  # causal_cd | causal_ode | bidirectional_ode | ar_teacher
+    num_steps: int = 4  # denoising steps per block: 1, 2 or 4
+    frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the init checkpoint must match)
+    gen_updates: int = 50  # generator updates; the critic gets critic_ratio times as many
+    critic_ratio: int = 5  # critic updates per generator update (official dfake_gen_update_ratio)
+    batch_size: int = 16
+    lr: float = 2e-5  # generator
+    lr_critic: float = 2e-5
+    real_guidance: float = 4.0  # CFG of the real score, uncond + w (cond - uncond) (= official cond + 3 (c - u))
+    min_t: float = 20.0  # DMD timesteps are clamped to [min_t, max_t] (official 20 / 980)
+    max_t: float = 980.0
+    ema_decay: float = 0.95  # official 0.99 over ~200 updates; a 50-update toy run needs a shorter memory
+    ema_start: int = 10  # generator updates before the EMA starts (official: 200 iterations = 40 of ~200)
+    eval_every: int = 10  # generator updates between evaluator lines
+    eval_clips: int = 72
+    ckpt_every: int = 10
+    out_dir: str = "checkpoints"
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+    table: bool = False  # run the whole toy table instead of one run
+
+
+def checkpoint_path(cfg):
+    suffix = "" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}"
+    return os.path.join(cfg.out_dir, f"dmd_{cfg.init}_{cfg.num_steps}step{suffix}.pt")
+
+
+def make_command(cfg):
+    cmd = f"python dmd.py --init {cfg.init} --num-steps {cfg.num_steps}"
+    return cmd + (f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "")
+
+
+def load_init(init, out_dir, frames_per_block, device):
+    """The generator's starting point: a stage-2 student (its EMA weights) or the AR teacher."""
+    if init == "causal_cd":
+        return causal_cd.load_student(out_dir, frames_per_block, device)
+    if init == "causal_ode":
+        return ode_init.load_student(out_dir, "ar", frames_per_block, device)
+    if init == "bidirectional_ode":
+        return ode_init.load_student(out_dir, "bidirectional", frames_per_block, device)
+    if init == "ar_teacher":
+        return ar_teacher.load_teacher(out_dir, "ar", frames_per_block, device=device)
+    raise ValueError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
+
+
+def step_lists(num_steps, frames_per_block, shift):
+    """(steps, first_block_steps): the warped list, and the 4-step list for block 0 of frame-wise 1/2-step models."""
+    first = warped_steps(4, shift) if (frames_per_block == 1 and num_steps < 4) else None
+    return warped_steps(num_steps, shift), first
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The three pieces: rollout, DMD loss, critic loss
+
+
+def rollout(generator, noise, ctx, steps, first_steps, frames_per_block, gen):
+    """Self-rollout with one random exit step index shared by all blocks (and one for block 0's own list).
+    Gradient flows only through the exit steps (sample_stream runs everything else without grad)."""
+    exit_step = int(torch.randint(0, len(steps), (1,), generator=gen))
+    exit_first = int(torch.randint(0, len(first_steps), (1,), generator=gen)) if first_steps else None
+    return sample_stream(generator, noise, ctx, steps, frames_per_block, first_steps, generator=gen,
+                         exit_step=exit_step, exit_step_first=exit_first)
+
+
+def sample_dmd_t(batch, shift, min_t, max_t, gen):
+    """t = 1000 * shift(u), u ~ U[0, 1), clamped to [min_t, max_t]: one t per clip (official DMD timesteps)."""
+    u = torch.randint(0, 1000, (batch,), generator=gen).double() / 1000
+    return (1000 * shift_sigma(u, shift)).clamp(min_t, max_t).float()
+
+
+def dmd_loss(x, real, critic, ctx, ctx_null, guidance, t, eps):
+    """Generator loss of DMD on a rollout x (B, F, C, H, W) that carries gradient. Returns (loss, mean |g|)."""
+    with torch.no_grad():
+        x_t = add_noise(x.detach(), eps, t)
+        x0_fake = x0_from_v(x_t, critic(x_t, t, ctx), t)  # fake score, conditional only
+        x0_real = x0_from_v(x_t, cfg_velocity(real, x_t, t, ctx, ctx_null, guidance), t)  # real score with CFG
+        norm = (x.detach() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # per-clip (DMD eq. 8)
+        g = torch.nan_to_num((x0_fake - x0_real) / norm)
+    loss = 0.5 * (x.double() - (x.detach() - g).double()).pow(2).mean()  # d loss / dx = g / numel
+    return loss, g.abs().mean().item()
+
+
+def critic_loss(critic, x, ctx, t, eps):
+    """Flow matching of the critic on generator samples x (no grad): it learns the generator's score."""
+    x_t = add_noise(x, eps, t)
+    return (critic(x_t, t, ctx) - (eps - x)).pow(2).mean()
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Training
+
+
+def train(cfg):
+    t_start = time.time()
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    if cfg.num_steps not in (1, 2, 4):
+        raise ValueError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
+    if toy_data.FRAMES % cfg.frames_per_block:
+        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the toy's {toy_data.FRAMES} frames")
+    generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device)
+    real, base_ckpt = ar_teacher.load_teacher(cfg.out_dir, "base", device=device)
+    real.requires_grad_(False)
+    critic = copy.deepcopy(real).train().requires_grad_(True)  # fake score: starts as the base
+    generator.train().requires_grad_(True)
+    ema = None  # created at ema_start (official: EMA from step 200)
+    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
+    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.lr_critic, betas=(0.0, 0.999), weight_decay=0.01)
+    gen = torch.Generator().manual_seed(cfg.seed)  # prompts, noise, exit steps, DMD timesteps
+    shift = generator.cfg.shift
+    steps, first_steps = step_lists(cfg.num_steps, cfg.frames_per_block, shift)
+    text = toy_data.TextEncoder()
+    path = checkpoint_path(cfg)
+    it, log = 0, []  # it counts critic updates; a generator update happens when it % critic_ratio == 0
+
+    if cfg.resume and os.path.exists(path):
+        ckpt = load_checkpoint(path, stage="dmd", make_cmd=make_command(cfg))
+        generator.load_state_dict(ckpt["model"]), critic.load_state_dict(ckpt["critic"])
+        opt_g.load_state_dict(ckpt["optimizer"]), opt_c.load_state_dict(ckpt["optimizer_critic"])
+        if ckpt["ema_started"]:
+            ema = copy.deepcopy(generator).eval().requires_grad_(False)
+            ema.load_state_dict(ckpt["ema"])
+        gen.set_state(ckpt["rng"])
+        it, log = ckpt["iteration"], ckpt["log"]
+        print(f"resumed {path} at generator update {it // cfg.critic_ratio}")
+    print(f"dmd: init {cfg.init} ({init_ckpt['stage']}), {cfg.num_steps}-step list {[round(s, 1) for s in steps]}"
+          + (f", block 0 on {[round(s, 1) for s in first_steps]}" if first_steps else "") + f", device {device}")
+    print(cfg)
+
+    def batch():
+        idx = torch.randint(0, len(toy_data.PROMPTS), (cfg.batch_size,), generator=gen)
+        prompts = [toy_data.PROMPTS[i] for i in idx]
+        noise = torch.randn(cfg.batch_size, toy_data.FRAMES, 3, toy_data.SIZE, toy_data.SIZE, generator=gen)
+        return text(prompts).to(device), text([""] * cfg.batch_size).to(device), noise.to(device)
+
+    def dmd_t_eps(like):
+        t = sample_dmd_t(like.shape[0], shift, cfg.min_t, cfg.max_t, gen).to(device)
+        return t, torch.randn(like.shape, generator=gen).to(device)
+
+    def save():
+        save_checkpoint(path, stage="dmd", model_config=init_ckpt["model_config"], config=asdict(cfg),
+                        model=generator.state_dict(), ema=(ema or generator).state_dict(), ema_started=ema is not None,
+                        critic=critic.state_dict(), optimizer=opt_g.state_dict(), optimizer_critic=opt_c.state_dict(),
+                        rng=gen.get_state(), iteration=it, log=log)
+
+    def evaluate(tag):
+        model = (ema or generator).eval()
+        clips, prompts = toy_few_step_samples(model, cfg.eval_clips, cfg.num_steps, cfg.frames_per_block,
+                                              first_block_4step=first_steps is not None)
+        model.train()
+        m = toy_data.evaluate(clips, prompts)
+        tqdm.write(f"{tag} | {toy_data.metric_line(m)}")
+        return m, clips
+
+    total = cfg.gen_updates * cfg.critic_ratio
+    if it == 0:
+        log.append({"update": 0, **evaluate("before DMD   ")[0]})
+    pbar = tqdm(total=cfg.gen_updates, initial=it // cfg.critic_ratio, desc=f"DMD {cfg.init} {cfg.num_steps}-step",
+                dynamic_ncols=True)
+    stats = {}
+    while it < total:
+        if it % cfg.critic_ratio == 0:  # ---- generator update: rollout with grad at the exit steps, DMD loss
+            ctx, null, noise = batch()
+            with autocast(device):
+                x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
+                t, eps = dmd_t_eps(x)
+                loss_g, g_abs = dmd_loss(x, real, critic, ctx, null, cfg.real_guidance, t, eps)
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+            torch.nn.utils.clip_grad_norm_(generator.parameters(), 10.0)  # official clip 10
+            opt_g.step()
+            update = it // cfg.critic_ratio + 1
+            if update == cfg.ema_start and ema is None:
+                ema = copy.deepcopy(generator).eval().requires_grad_(False)
+            elif ema is not None:
+                ema_update(ema, generator, cfg.ema_decay)
+            stats.update(loss_g=loss_g.item(), g=g_abs)
+
+        # ---- critic update (every iteration): flow matching on a fresh rollout made without grad
+        ctx, _, noise = batch()
+        with torch.no_grad(), autocast(device):
+            x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
+        t, eps = dmd_t_eps(x)
+        with autocast(device):
+            loss_c = critic_loss(critic, x, ctx, t, eps)
+        opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), 10.0)
+        opt_c.step()
+        it += 1
+        stats["loss_critic"] = loss_c.item()
+
+        if it % cfg.critic_ratio == 0:
+            update = it // cfg.critic_ratio
+            log.append({"update": update, **stats})
+            pbar.update(1)
+            pbar.set_postfix(loss_g=f"{stats['loss_g']:.2e}", critic=f"{stats['loss_critic']:.3f}",
+                             g=f"{stats['g']:.3f}")
+            if update % cfg.eval_every == 0 or update == cfg.gen_updates:
+                log[-1].update(evaluate(f"update {update:4d}  ")[0])
+            if update % cfg.ckpt_every == 0:
+                save()
+    pbar.close()
+    if "blur" not in log[-1]:  # (a resumed run that was already finished)
+        log[-1].update(evaluate("after DMD    ")[0])
+    save()
+    minutes = (time.time() - t_start) / 60
+    clips, _ = toy_few_step_samples((ema or generator).eval(), 18, cfg.num_steps, cfg.frames_per_block,
+                                    first_block_4step=first_steps is not None)
+    gif = os.path.join(cfg.out_dir, "samples", os.path.basename(path).replace(".pt", ".gif"))
+    os.makedirs(os.path.dirname(gif), exist_ok=True)
+    toy_data.save_video(gif, clips, ncols=9)
+    metrics = {k: log[-1][k] for k in ("blur", "second_moment", "prompt_acc", "motion", "motion_gap", "physics", "fd")}
+    print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}, samples {gif}")
+    return metrics, minutes
+
+
+def load_generator(path, device="cpu"):
+    """A finished DMD generator (EMA weights) for sampling."""
+    ckpt = load_checkpoint(path, stage="dmd", make_cmd="python dmd.py --init causal_cd --num-steps 2")
+    return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The toy Table 2
+
+
+TABLE_MD = "dmd_table.md"
+
+
+def ensure_stage2(cfg):
+    """--table: make whichever stage-2 checkpoint is missing (teachers come from checkpoints/ or pretrained/)."""
+    todo = [("causal_cd", causal_cd.checkpoint_path(causal_cd.Config(out_dir=cfg.out_dir)),
+             lambda: causal_cd.train(causal_cd.Config(toy=True, out_dir=cfg.out_dir)))]
+    for teacher in ("ar", "bidirectional"):
+        ocfg = ode_init.Config(teacher=teacher, out_dir=cfg.out_dir)
+        todo.append((ode_init.stage_name(teacher), ode_init.student_path(ocfg), lambda c=ocfg: ode_init.train(c)))
+    for name, path, make in todo:
+        if not os.path.exists(path):
+            print(f"{path} is missing: training it now")
+            make()
+
+
+def table(cfg):
+    """Rows: init x steps {1, 2, 4}, frame-wise, before and after DMD at the same budget, seeds and prompts."""
+    t0 = time.time()
+    ensure_stage2(cfg)
+    device = pick_device(cfg.device)
+    rows = []
+    for init in INITS:
+        for n in (1, 2, 4):
+            run = Config(**{**asdict(cfg), "init": init, "num_steps": n, "table": False, "resume": False})
+            model, _ = load_init(init, cfg.out_dir, 1, device)
+            _, first = step_lists(n, 1, model.cfg.shift)
+            clips, prompts = toy_few_step_samples(model, cfg.eval_clips, n, 1, first_block_4step=first is not None)
+            before = toy_data.evaluate(clips, prompts)
+            after, minutes = train(run)
+            gen_model, _ = load_generator(checkpoint_path(run), device)
+            speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=first is not None)
+            rows.append(dict(init=init, steps=n, before=before, after=after, minutes=minutes, **speed))
+            json.dump(rows, open(os.path.join(cfg.out_dir, "dmd_table.json"), "w"), indent=1)
+    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
+    keys = ("blur", "second_moment", "prompt_acc", "motion", "physics", "fd")
+    lines = ["| init | steps | | " + " | ".join(keys) + " | frames/s | first-frame latency | DMD time |",
+             "|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
+    for r in rows:
+        for when in ("before", "after"):
+            cells = " | ".join(f"{r[when][k]:.3f}" if k != "fd" else f"{r[when][k]:.1f}" for k in keys)
+            extra = (f"{r['fps']:.0f} | {1000 * r['first_frame_s']:.1f} ms | {r['minutes']:.1f} min" if when == "after"
+                     else " | | ")
+            lines.append(f"| {r['init'] if when == 'before' else ''} | {r['steps'] if when == 'before' else ''} | "
+                         f"{when} DMD | {cells} | {extra} |")
+    lines.append("| real clips | | | " + " | ".join(f"{real[k]:.3f}" if k != "fd" else f"{real[k]:.1f}" for k in keys)
+                 + " | | | |")
+    text = "\n".join(lines)
+    with open(os.path.join(cfg.out_dir, TABLE_MD), "w") as f:
+        f.write(text + "\n")
+    print(text)
+    print(f"table: {len(rows)} DMD runs, {(time.time() - t0) / 60:.1f} min in all -> {cfg.out_dir}/{TABLE_MD}")
+    return rows
+
+
+if __name__ == "__main__":
+    config = parse_config(Config, description=__doc__.split("\n\n")[0])
+    table(config) if config.table else train(config)
