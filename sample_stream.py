@@ -357,7 +357,8 @@ def build_parser():
     p.add_argument("--steps", type=int, default=0, help="1, 2 or 4 denoising steps per block; 0 = the "
                    "checkpoint's own (DMD) or 4")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--frames", type=int, default=48, help="frames to generate (any length: rolling cache)")
+    p.add_argument("--frames", type=int, default=None, help="frames to generate, any length with a rolling cache "
+                   "(default 48; with --interactive, until 'quit' or Ctrl-C)")
     p.add_argument("--window", type=int, default=5, help="rolling cache: recent frames kept (0 = full cache)")
     p.add_argument("--sink", type=int, default=0, help="rolling cache: first frames kept forever")
     p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
@@ -400,6 +401,11 @@ def main(argv=None):
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
     if n_steps not in (1, 2, 4):
         raise ValueError(f"--steps must be 1, 2 or 4 (got {n_steps})")
+    if args.interactive and not args.window:
+        raise ValueError("--interactive streams without end: it needs a rolling cache (--window >= 1)")
+    if args.frames is None:
+        args.frames = 10 ** 9 if args.interactive else 48
+    n_frames = args.frames
     if args.frames < fpb or args.frames % fpb:
         raise ValueError(f"--frames {args.frames} is not a whole number of {fpb}-frame blocks (this checkpoint is "
                          f"{'frame' if fpb == 1 else 'chunk'}-wise)")
@@ -418,42 +424,52 @@ def main(argv=None):
 
     steps = warped_steps(n_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4 and first_image is None) else None
-    stream = Stream(model, steps, fpb, first, window=args.window or None, sink=args.sink, max_frames=args.frames,
+    stream = Stream(model, steps, fpb, first, window=args.window or None, sink=args.sink,
+                    max_frames=None if args.window else args.frames,
                     generator=torch.Generator().manual_seed(args.seed))
     prompt = args.prompt
     stream.set_prompt(text([prompt]).to(device))
     queue = stdin_prompts() if args.interactive else None
     if args.interactive:
-        print(f"streaming {args.frames} frames at {args.fps:g} fps; type a prompt ({', '.join(toy_data.PROMPTS)}) "
+        print(f"streaming at {args.fps:g} fps; type a prompt ({', '.join(toy_data.PROMPTS)}) "
               f"and Enter to switch, 'quit' to stop")
     print(f"{args.ckpt}: {ckpt['stage']}, {'frame' if fpb == 1 else 'chunk'}-wise, {n_steps}-step"
           + (" (block 0: 4-step)" if first else "") + f", prompt {prompt!r}")
     frames, t_start = [], time.perf_counter()
     if first_image is not None:
         frames.append(stream.write_frames(first_image))
-    while stream.frame < args.frames:
-        if stream.frame in switches:
-            prompt = switches[stream.frame]
-            stream.set_prompt(text([prompt]).to(device))
-            print(f"frame {stream.frame}: prompt -> {prompt!r}")
-        while queue is not None and not queue.empty():
-            line = queue.get()
-            if line is None or line == "quit":
-                args.frames = stream.frame  # stop after this point
+    try:
+        while stream.frame < n_frames:
+            if stream.frame in switches:
+                prompt = switches[stream.frame]
+                stream.set_prompt(text([prompt]).to(device))
+                print(f"frame {stream.frame}: prompt -> {prompt!r}")
+            while queue is not None and not queue.empty():  # interactive: new prompts typed so far
+                line = queue.get()
+                if line is None or line == "quit":
+                    n_frames = stream.frame  # stop here
+                    break
+                try:
+                    text([line])
+                except ValueError as err:
+                    print(f"\n  {err}")
+                    continue
+                prompt = line
+                stream.set_prompt(text([prompt]).to(device))
+                print(f"\nframe {stream.frame}: prompt -> {prompt!r}")
+            if stream.frame >= n_frames:
                 break
-            try:
-                text([line])
-            except ValueError as err:
-                print(f"  {err}")
-                continue
-            prompt = line
-            stream.set_prompt(text([prompt]).to(device))
-            print(f"frame {stream.frame}: prompt -> {prompt!r}")
-        if stream.frame >= args.frames:
-            break
-        frames.append(stream.next_block())
-        if args.interactive:  # pace to the playback rate, as a viewer would watch it
-            time.sleep(max(0.0, stream.frame / args.fps - (time.perf_counter() - t_start)))
+            frames.append(stream.next_block())
+            if args.interactive:  # pace to the playback rate, as a viewer would watch it
+                print(f"\rframe {stream.frame} ({prompt})", end="", flush=True)
+                time.sleep(max(0.0, stream.frame / args.fps - (time.perf_counter() - t_start)))
+    except KeyboardInterrupt:  # Ctrl-C ends the stream; what was generated is still written
+        print()
+    if args.interactive:
+        print()
+    if not frames:
+        print("stopped before the first frame: nothing written")
+        return None
     clip = torch.cat(frames, 1).cpu()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     toy_data.save_video(args.out, clip, fps=8)

@@ -233,3 +233,32 @@ def test_smoke_dmd_resume_and_errors(tiny_teachers):
         dmd.train(dmd_run(tiny_teachers, init="bidirectional_ode"))
     with pytest.raises(ValueError, match="--init must be one of"):
         dmd.train(dmd_run(tiny_teachers, init="self_forcing"))
+
+
+def test_interactive_mode_switches_on_typed_prompts_and_stops_on_quit(streamable, monkeypatch, capsys):
+    """stdin is replaced by a queue whose lines 'arrive' while blocks are generated: a prompt at the 3rd
+    check, a bad one at the 4th, 'quit' at the 6th. The queue is drained before every block, so the checks fall
+    on frames 0, 1, 2 (x3: two lines, then empty) and 3, where 'quit' stops the stream."""
+    paths, tmp = streamable
+
+    class TypedLines:
+        def __init__(self, script):
+            self.script, self.checks, self.ready = script, 0, []
+
+        def empty(self):
+            self.checks += 1
+            self.ready += self.script.pop(self.checks, [])
+            return not self.ready
+
+        def get(self):
+            return self.ready.pop(0)
+
+    monkeypatch.setattr(S, "stdin_prompts", lambda: TypedLines({3: ["green square"], 4: ["purple cat"], 6: ["quit"]}))
+    clip = S.main(["--ckpt", paths[1], "--interactive", "--fps", "1000", "--out", str(tmp / "i.gif")])
+    out = capsys.readouterr().out
+    assert "frame 2: prompt -> 'green square'" in out and "cannot represent prompt 'purple cat'" in out
+    assert clip.shape[1] == 3 and len(imageio.mimread(tmp / "i.gif")) == 3  # stopped at the block boundary
+    ref = cli(paths[1], tmp, "--switch", "2:green square")  # the same switch, scripted
+    assert torch.equal(clip, ref[:, :3])
+    with pytest.raises(ValueError, match="needs a rolling cache"):
+        S.main(["--ckpt", paths[1], "--interactive", "--window", "0"])
