@@ -68,6 +68,7 @@ class Config:
     device: str = "auto"
     resume: bool = False
     plot: bool = False  # make injectivity.png (training whichever student is missing first)
+    per_frame: bool = False  # print second moment and blur per frame index of the students and their targets
 
 
 def stage_name(teacher):
@@ -417,6 +418,27 @@ def plot_injectivity(cfg, path="injectivity.png", K=6):
     return summary
 
 
+@torch.no_grad()
+def per_frame_report(cfg, n=72):
+    """Prop. 3.3 frame by frame: the second moment and blur of each student's samples per frame index (1 and
+    4 steps, the same 72 noises), beside those of its ODE targets (the stored endpoints). Students or pair files
+    missing from cfg.out_dir are skipped."""
+    fmt = lambda v: "[" + ", ".join(f"{float(a):.3f}" for a in v) + "]"
+    for teacher in ("ar", "bidirectional"):
+        c = Config(teacher=teacher, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir)
+        if os.path.exists(pairs_path(c)):
+            end = torch.load(pairs_path(c), map_location="cpu", weights_only=False)["states"][:, -1].float()
+            print(f"{stage_name(teacher):17s} targets | 2nd moment {fmt(end.pow(2).mean((0, 2, 3, 4)))} "
+                  f"blur {fmt(toy_data.blur_per_frame(end).mean(0))}")
+        if not os.path.exists(student_path(c)):
+            continue
+        student, _ = load_student(cfg.out_dir, teacher, cfg.frames_per_block)
+        for n_steps in (1, 4):
+            clips, _ = toy_few_step_samples(student, n, n_steps, cfg.frames_per_block)
+            print(f"{stage_name(teacher):17s} {n_steps}-step  | 2nd moment {fmt(clips.pow(2).mean((0, 2, 3, 4)))} "
+                  f"blur {fmt(toy_data.blur_per_frame(clips).mean(0))}")
+
+
 if __name__ == "__main__":
     cfg = parse_config(Config, description=__doc__.split("\n\n")[0])
-    plot_injectivity(cfg) if cfg.plot else train(cfg)
+    per_frame_report(cfg) if cfg.per_frame else plot_injectivity(cfg) if cfg.plot else train(cfg)

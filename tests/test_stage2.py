@@ -157,3 +157,13 @@ def test_few_step_stream_one_step_is_the_x0_prediction_and_first_block_list_is_u
     b = sample_stream(m, noise, ctx, [1000.0], 1, [1000.0, 937.5, 833.3, 625.0], torch.Generator().manual_seed(0))
     c = sample_stream(m, noise, ctx, [1000.0], 1)
     assert torch.equal(a, b) and (a[:, 0] - c[:, 0]).abs().max() > 1e-3
+
+
+def test_per_frame_report_prints_students_and_targets(tiny_teachers, capsys):
+    ode_init.train(stage2_run(tiny_teachers, teacher="bidirectional"))
+    capsys.readouterr()  # drop the training run's own report
+    ode_init.per_frame_report(ode_init.Config(out_dir=str(tiny_teachers)), n=9)
+    out = capsys.readouterr().out.splitlines()
+    lines = [l for l in out if l.startswith("bidirectional_ode ")]
+    assert [l.split("|")[0].split()[1] for l in lines] == ["targets", "1-step", "4-step"]
+    assert all(l.count(",") == 2 * 5 for l in lines)  # 6 values (5 commas) in each of the two lists
