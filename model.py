@@ -623,6 +623,94 @@ def load_wan_weights(model, path):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Wan-scale data: a latent folder (precomputed Wan VAE latents and umT5 text features, one file per clip)
+
+
+def write_latent_clip(path, latents, text, prompt=""):
+    """Write one clip of a latent folder, atomically: latents (F, 16, H, W) from the Wan VAE (as its encoder
+    returns them, already normalised), text (L, 4096) the umT5-XXL features of the prompt (unpadded, L <= 512)."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({"latents": latents.contiguous(), "text": text.contiguous()}, tmp, metadata={"prompt": prompt})
+    os.replace(tmp, path)
+
+
+class LatentFolder:
+    """The training data of every stage at Wan scale (stage 0 is skipped there: the base is Wan2.1 itself).
+
+    <folder>/*.safetensors, one per clip, each holding
+        latents   (F, C, H, W)  Wan VAE latents, C = 16; 81 frames of 480x832 are (21, 16, 60, 104)
+        text      (L, 4096)     umT5-XXL features of the prompt, L <= text_len (512), zero-padded here
+    and, optionally, negative.safetensors holding `text` for the unconditional / negative prompt (Wan's CFG uses
+    its default negative prompt; without the file the unconditional branch is all zeros, like the toy).
+    Every file's keys and shapes are checked when the folder is opened, so a bad entry fails before training
+    starts, with the file and what differs."""
+
+    def __init__(self, path, in_dim=16, text_dim=4096, text_len=512, frames=None):
+        from safetensors import safe_open
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"latent folder {path} not found; write one clip per file with "
+                                    f"model.write_latent_clip(path, latents (F, {in_dim}, H, W), text (L, {text_dim}))")
+        self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if f.endswith(".safetensors") and f != "negative.safetensors")
+        if not self.files:
+            raise ValueError(f"latent folder {path} holds no *.safetensors clips")
+        self.text_dim, self.text_len, self.frames = text_dim, text_len, frames
+        problems, shapes = [], {}
+        for fname in self.files:
+            with safe_open(fname, framework="pt") as f:
+                keys = set(f.keys())
+                missing = {"latents", "text"} - keys
+                if missing:
+                    problems.append(f"{fname}: missing {sorted(missing)} (has {sorted(keys)})")
+                    continue
+                lat, txt = tuple(f.get_slice("latents").get_shape()), tuple(f.get_slice("text").get_shape())
+            if len(lat) != 4 or lat[1] != in_dim:
+                problems.append(f"{fname}: latents {lat}, expected (F, {in_dim}, H, W)")
+            elif frames is not None and lat[0] < frames:
+                problems.append(f"{fname}: {lat[0]} latent frames, fewer than the {frames} a clip needs")
+            if len(txt) != 2 or txt[1] != text_dim or txt[0] > text_len:
+                problems.append(f"{fname}: text {txt}, expected (L <= {text_len}, {text_dim})")
+            shapes.setdefault((lat[0] if frames is None else frames,) + lat[2:], []).append(fname)
+        if len(shapes) > 1 and not problems:
+            summary = "; ".join(f"{len(v)} clip(s) of (F, H, W) = {k}, e.g. {v[0]}" for k, v in shapes.items())
+            problems.append(f"clips differ in size and cannot be batched: {summary} (re-encode at one size, or "
+                            f"pass frames= to crop to a common length)")
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise ValueError(f"latent folder {path} has {len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}:"
+                             f"\n  {shown}")
+        self.shape = next(iter(shapes))  # (F, H, W)
+        neg = os.path.join(path, "negative.safetensors")
+        self.negative = self._load(neg)[1] if os.path.exists(neg) else torch.zeros(text_len, text_dim)
+
+    def _pad_text(self, text):
+        out = torch.zeros(self.text_len, self.text_dim)
+        out[:text.shape[0]] = text.float()
+        return out
+
+    def _load(self, fname):
+        from safetensors.torch import load_file
+        d = load_file(fname)
+        lat = d["latents"].float()[:self.frames] if "latents" in d else None
+        return lat, self._pad_text(d["text"])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        """(latents (F, C, H, W) float32, text (text_len, text_dim) float32)"""
+        return self._load(self.files[i])
+
+    def batch(self, n, generator=None):
+        """n random clips: latents (n, F, C, H, W), text (n, text_len, text_dim), and the matching null text."""
+        idx = torch.randint(0, len(self), (n,), generator=generator).tolist()
+        lat, txt = zip(*(self[i] for i in idx))
+        return torch.stack(lat), torch.stack(txt), self.negative.expand(n, -1, -1)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # What every script shares: device, autocast, config-from-CLI, self-describing atomic checkpoints
 
 
