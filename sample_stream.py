@@ -347,6 +347,11 @@ def read_first_frame(path):
     return x.permute(2, 0, 1)[None, None]
 
 
+def default_window(frames_per_block):
+    """The toy's rolling window: every attention offset stays inside the 6-frame training clip (README: drift)."""
+    return toy_data.FRAMES - 1 if frames_per_block == 1 else 2 * frames_per_block
+
+
 def build_parser():
     import argparse
     p = argparse.ArgumentParser(description="Real-time streaming generation with a distilled causal model.",
@@ -359,7 +364,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--frames", type=int, default=None, help="frames to generate, any length with a rolling cache "
                    "(default 48; with --interactive, until 'quit' or Ctrl-C)")
-    p.add_argument("--window", type=int, default=5, help="rolling cache: recent frames kept (0 = full cache)")
+    p.add_argument("--window", type=int, default=None, help="rolling cache: recent frames kept, the current block "
+                   "included (0 = full cache; default: 5 frame-wise, 2 blocks chunk-wise, within the 6-frame training span)")
     p.add_argument("--sink", type=int, default=0, help="rolling cache: first frames kept forever")
     p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
                    help="switch the prompt at FRAME (repeatable)")
@@ -401,6 +407,8 @@ def main(argv=None):
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
     if n_steps not in (1, 2, 4):
         raise ValueError(f"--steps must be 1, 2 or 4 (got {n_steps})")
+    if args.window is None:
+        args.window = default_window(fpb)
     if args.interactive and not args.window:
         raise ValueError("--interactive streams without end: it needs a rolling cache (--window >= 1)")
     if args.frames is None:
@@ -409,8 +417,8 @@ def main(argv=None):
     if args.frames < fpb or args.frames % fpb:
         raise ValueError(f"--frames {args.frames} is not a whole number of {fpb}-frame blocks (this checkpoint is "
                          f"{'frame' if fpb == 1 else 'chunk'}-wise)")
-    if args.window and args.window < fpb:
-        raise ValueError(f"--window {args.window} is smaller than a block ({fpb} frames)")
+    if args.window and args.window % fpb:
+        raise ValueError(f"--window {args.window} is not a whole number of {fpb}-frame blocks")
     text = toy_data.TextEncoder()
     text([args.prompt])  # a prompt the encoder cannot represent fails here, listing the valid ones
     switches = dict(parse_switch(s, args.frames, fpb) for s in args.switch)
@@ -499,7 +507,7 @@ def bench(args):
             ("frame-wise 4-step", 4, 1, False), ("chunk-wise 4-step", 4, 3, False)]
     for name, n, fpb, first4 in rows:
         for frames in ((8, 32, 128) if (n, fpb) == (1, 1) else (24,)):
-            window = args.window or None
+            window = default_window(fpb) if args.window is None else (args.window or None)
             s = stream_speed(model, n, fpb, frames=frames, first_block_4step=first4, window=window, sink=args.sink)
             print(f"{name:34s}{frames:7d}{1000 * s['first_frame_s']:11.1f}ms{1000 * s['per_frame_s']:9.2f}ms"
                   f"{s['fps']:10.0f}{s['fps_recompute']:11.0f}{s['cache_speedup']:9.1f}x")

@@ -262,3 +262,22 @@ def test_interactive_mode_switches_on_typed_prompts_and_stops_on_quit(streamable
     assert torch.equal(clip, ref[:, :3])
     with pytest.raises(ValueError, match="needs a rolling cache"):
         S.main(["--ckpt", paths[1], "--interactive", "--window", "0"])
+
+
+def test_smoke_dmd_chunkwise(tmp_path, monkeypatch):
+    """Chunk-wise (3-frame blocks) end to end: AR teacher -> causal CD -> DMD, then the CLI streams it."""
+    from test_ar_teacher import shrink_toy_preset, tiny_run
+    import ar_teacher
+    shrink_toy_preset(monkeypatch)
+    ar_teacher.train(tiny_run(tmp_path, phase="base"))
+    ar_teacher.train(tiny_run(tmp_path, phase="ar", frames_per_block=3))
+    causal_cd.train(causal_cd.Config(steps=1, batch_size=2, warmup=1, eval_clips=9, frames_per_block=3,
+                                     out_dir=str(tmp_path)))
+    run = dmd_run(tmp_path, num_steps=4, frames_per_block=3, gen_updates=1)
+    dmd.train(run)
+    path = dmd.checkpoint_path(run)
+    assert path.endswith("dmd_causal_cd_4step_fpb3.pt")
+    clip = S.main(["--ckpt", path, "--frames", "9", "--no-speed", "--out", str(tmp_path / "c.gif")])
+    assert clip.shape == (1, 9, 3, 16, 16)
+    with pytest.raises(FileNotFoundError, match="python causal_cd.py --toy"):  # no frame-wise student here
+        dmd.train(dmd_run(tmp_path, num_steps=4))
