@@ -183,6 +183,11 @@ def train(cfg):
 
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage="dmd", make_cmd=make_command(cfg))
+        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table")
+        differ = {k: (ckpt["config"].get(k), v) for k, v in asdict(cfg).items()
+                  if k not in keep and ckpt["config"].get(k) != v}
+        if differ:
+            raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         generator.load_state_dict(ckpt["model"]), critic.load_state_dict(ckpt["critic"])
         opt_g.load_state_dict(ckpt["optimizer"]), opt_c.load_state_dict(ckpt["optimizer_critic"])
         if ckpt["ema_started"]:
