@@ -27,10 +27,12 @@ judging a video needs). The generator can start from any stage-2 checkpoint, `--
 Frame-wise 1- and 2-step generators denoise block 0 with the 4-step list (Causal Forcing++: the first frame has
 no past to lean on), later blocks with the short list; each list has its own random exit step.
 
-What to watch in the log (a healthy run): the critic loss stays near the base's own flow-matching loss (it keeps
-up with the generator); |g|, the mean magnitude of the normalised DMD gradient, is O(0.1-1) and slowly
-shrinks as the two scores agree; the evaluator's metrics of EMA samples improve or hold. A critic loss that
-climbs, or |g| that grows, means the critic lost track of the generator (lower the generator lr).
+What to watch in the log: loss_g (0.5 mean g^2, so it tracks |g|), the critic's flow-matching loss, |g| (the
+mean magnitude of the normalised DMD gradient) and the evaluator's metrics of EMA samples every 10 updates.
+In the toy runs of the README's table |g| sits at 0.8-0.95 and the critic loss at 0.1-0.3 (single batches,
+noisy) throughout; a critic loss that climbs steadily, or |g| that grows, means the critic has lost track of
+the generator (lower the generator's lr). The metrics are what tell whether DMD helps: on the toy it does not
+for causal inits (README, Stage 3).
 
 Differences from the official code (thu-ml/Causal-Forcing, guandeh17/Self-Forcing): the real score is the
 toy's bidirectional base (officially Wan2.1-14B) and the critic starts from the same base (officially 1.3B);
