@@ -72,6 +72,7 @@ class Config:
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the init checkpoint must match)
     gen_updates: int = 50  # generator updates; the critic gets critic_ratio times as many
     critic_ratio: int = 5  # critic updates per generator update (official dfake_gen_update_ratio)
+    critic_warmup: int = 0  # critic-only updates before the first generator update (not in the official code)
     batch_size: int = 16
     lr: float = 2e-5  # generator
     lr_critic: float = 2e-5
@@ -228,8 +229,25 @@ def train(cfg):
         return m, clips
 
     total = cfg.gen_updates * cfg.critic_ratio
+    def critic_update():
+        ctx, _, noise = batch()
+        with torch.no_grad(), autocast(device):
+            x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
+        t, eps = dmd_t_eps(x)
+        with autocast(device):
+            loss_c = critic_loss(critic, x, ctx, t, eps)
+        opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        torch.nn.utils.clip_grad_norm_(critic.parameters(), 10.0)
+        opt_c.step()
+        return loss_c.item()
+
     if it == 0:
         log.append({"update": 0, **evaluate("before DMD   ")[0]})
+        if cfg.critic_warmup:  # let the fake score learn the initial generator before the first DMD step
+            losses = [critic_update() for _ in tqdm(range(cfg.critic_warmup), desc="critic warm-up", leave=False)]
+            tqdm.write(f"critic warm-up: {cfg.critic_warmup} updates, loss {losses[0]:.3f} -> "
+                       f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     pbar = tqdm(total=cfg.gen_updates, initial=it // cfg.critic_ratio, desc=f"DMD {cfg.init} {cfg.num_steps}-step",
                 dynamic_ncols=True)
     stats = {}
@@ -252,18 +270,8 @@ def train(cfg):
             stats.update(loss_g=loss_g.item(), g=g_abs)
 
         # ---- critic update (every iteration): flow matching on a fresh rollout made without grad
-        ctx, _, noise = batch()
-        with torch.no_grad(), autocast(device):
-            x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
-        t, eps = dmd_t_eps(x)
-        with autocast(device):
-            loss_c = critic_loss(critic, x, ctx, t, eps)
-        opt_c.zero_grad(set_to_none=True)
-        loss_c.backward()
-        torch.nn.utils.clip_grad_norm_(critic.parameters(), 10.0)
-        opt_c.step()
+        stats["loss_critic"] = critic_update()
         it += 1
-        stats["loss_critic"] = loss_c.item()
 
         if it % cfg.critic_ratio == 0:
             update = it // cfg.critic_ratio

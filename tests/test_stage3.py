@@ -275,7 +275,7 @@ def test_smoke_dmd_chunkwise(tmp_path, monkeypatch):
     ar_teacher.train(tiny_run(tmp_path, phase="ar", frames_per_block=3))
     causal_cd.train(causal_cd.Config(steps=1, batch_size=2, warmup=1, eval_clips=9, frames_per_block=3,
                                      out_dir=str(tmp_path)))
-    run = dmd_run(tmp_path, num_steps=4, frames_per_block=3, gen_updates=1)
+    run = dmd_run(tmp_path, num_steps=4, frames_per_block=3, gen_updates=1, critic_warmup=2)
     dmd.train(run)
     path = dmd.checkpoint_path(run)
     assert path.endswith("dmd_causal_cd_4step_fpb3.pt")
