@@ -28,7 +28,8 @@ import time
 import torch
 
 import toy_data
-from model import KVCache, add_noise, euler_step, timestep_grid, warped_steps, x0_from_v
+from model import (KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
+                   timestep_grid, warped_steps, x0_from_v)
 
 
 def ode_grid(model, num_steps):
@@ -212,6 +213,8 @@ class Stream:
     (the cached past keeps the K/V it was written with). `write_frames` puts given clean frames (I2V's first
     frame) into the cache at t = 0, the same write as the refresh after a generated block."""
 
+    frame_hw = (toy_data.SIZE, toy_data.SIZE)  # the toy's frame size
+
     def __init__(self, model, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0,
                  max_frames=None, generator=None):
         self.model, self.steps, self.fpb, self.first = model, steps, frames_per_block, first_block_steps
@@ -241,8 +244,6 @@ class Stream:
                             cache=self.cache, start_frame=self.frame)
         self.frame += self.fpb
         return out
-
-    frame_hw = (toy_data.SIZE, toy_data.SIZE)
 
 
 def _sync(device):
@@ -305,7 +306,6 @@ DISTILLED = ("causal_cd", "causal_ode", "bidirectional_ode", "dmd")  # checkpoin
 
 def load_streamable(path):
     """A distilled causal model from any stage-2/3 checkpoint; anything else is refused before any work."""
-    from model import load_checkpoint, model_from_checkpoint
     ckpt = load_checkpoint(path, make_cmd="python causal_cd.py --toy")
     stage = ckpt.get("stage")
     if stage not in DISTILLED:
@@ -395,7 +395,6 @@ def stdin_prompts():
 
 
 def main(argv=None):
-    from model import pick_device
     args = build_parser().parse_args(argv)
     if args.bench:
         return bench(args)
@@ -494,7 +493,6 @@ def main(argv=None):
 def bench(args):
     """The speed table (issue: faster than real time, cache vs recompute at 8/32/128 frames, first-frame
     latency of frame-wise 2-step vs chunk-wise 4-step) and the long-stream drift check."""
-    from model import DiT, ModelConfig, pick_device
     device = pick_device(args.device)
     model, ckpt = load_streamable(args.ckpt)
     model = model.to(device)
