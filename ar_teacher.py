@@ -16,7 +16,7 @@ Prop. 3.4: a strictly positive train/test mismatch; expected to sample worse).
 
 Differences from the official code (thu-ml/Causal-Forcing): the toy trains from scratch for the base (the
 official stage 1 starts from Wan2.1); the toy's recipe (lr 1e-3 with warmup and cosine decay, EMA weights for
-sampling, batch 16, timestep shift 2, plain flow matching for the base) is tuned for a 2-core CPU, where the
+sampling, batch 8, timestep shift 2, plain flow matching for the base) is tuned for a 2-core CPU, where the
 official one is AdamW lr 2e-6, betas (0, 0.999) at batch 64 on GPUs; the AR teacher is sampled with 48-step Euler + CFG instead of 50-step UniPC.
 
 Commands (toy, CPU; the README lists measured times):
@@ -38,28 +38,29 @@ from tqdm import tqdm
 
 import toy_data
 from toy_data import metric_line
-from model import (ema_update, DiT, PRESETS, ModelConfig, add_noise, autocast, count_parameters, load_checkpoint,
-                   loss_weight, model_from_checkpoint, parse_config, pick_device, save_checkpoint, timestep_grid)
+from model import (ema_update, DiT, PRESETS, ModelConfig, ScaleOptions, add_noise, autocast, count_parameters,
+                   dry_run, load_checkpoint, loss_weight, make_optimizer, model_from_checkpoint, open_data,
+                   parse_config, pick_device, prepare, save_checkpoint, timestep_grid, wan_base)
 from sample_stream import sample_ar, sample_bidirectional
 
 
 @dataclass
-class Config:
+class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --init-weights and the memory options
     phase: str = "base"  # "base" (stage 0, bidirectional) or "ar" (stage 1, teacher forcing from the base)
     frames_per_block: int = 1  # ar: 1 = frame-wise, 3 = chunk-wise
     diffusion_forcing: bool = False  # ar: train the diffusion-forcing ablation instead of teacher forcing
-    model: str = "toy"  # base: preset of model.py (ar inherits the base's config)
     shift: float = 2.0  # base: timestep shift every later stage inherits. Wan uses 5 for 1560-token latent
     # frames; a 16x16 toy frame is destroyed at lower noise, so 5 would spend most steps on pure-noise inputs
-    base_steps: int = 3300  # optimizer steps of --phase base
-    ar_steps: int = 500  # optimizer steps of --phase ar (it starts from the base, so it needs fewer)
-    batch_size: int = 16  # small batches learn more per CPU-second here than large ones (README)
+    base_steps: int = 5000  # optimizer steps of --phase base
+    ar_steps: int = 800  # optimizer steps of --phase ar (it starts from the base, so it needs fewer)
+    batch_size: int = 8  # small batches learn more per CPU-second here than large ones (README)
     lr: float = 1e-3  # peak learning rate (warmup, then cosine decay to lr/10)
     warmup: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.995  # EMA of the weights, used for every sample and for the next stage
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (the unconditional branch for CFG)
+    ar_weighting: str = "bell"  # ar: per-t loss weight, "bell" (official stage 1, ~0 at both ends) or "uniform"
     eval_every: int = 1100  # evaluate + GIF every this many steps (and at the end)
     ckpt_every: int = 250  # atomic checkpoint every this many steps (and at the end)
     eval_clips: int = 72  # clips per evaluation (8 per prompt)
@@ -118,6 +119,17 @@ def load_teacher(out_dir="checkpoints", phase="ar", frames_per_block=1, diffusio
     ckpt = load_checkpoint(path, stage="base" if phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
 
+
+
+def load_base(cfg, device="cpu"):
+    """The bidirectional base a stage builds on: Wan2.1 itself with --init-weights (Wan scale, no stage 0), else
+    the toy base that --phase base trains (or the shipped one)."""
+    if cfg.init_weights:
+        return wan_base(cfg.model, cfg.init_weights, device)
+    if cfg.data != "toy":
+        raise ValueError(f"--data {cfg.data}: at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights "
+                         f"<folder with diffusion_pytorch_model.safetensors>")
+    return load_teacher(cfg.out_dir, phase="base", device=device)
 
 def ship(path):
     """Write the fp16 EMA weights of a finished checkpoint, with its configs and metrics, to pretrained/."""
@@ -182,25 +194,32 @@ def generate(model, cfg, n, seed, text):
 
 
 def train(cfg):
+    if cfg.phase not in ("base", "ar"):
+        raise ValueError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
+    if cfg.dry_run:  # the plan of one training step, before anything is loaded
+        return dry_run("ar" if cfg.phase == "ar" else "base", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     path = checkpoint_path(cfg)
-    text = toy_data.TextEncoder()
 
-    # the model: a fresh toy DiT for the base; the base's EMA weights for the AR teacher
+    # the model: a fresh toy DiT for the base; the base's EMA weights (or Wan2.1's) for the AR teacher
     if cfg.phase == "base":
+        if cfg.data != "toy" or cfg.init_weights:
+            raise ValueError("stage 0 is skipped at Wan scale: the base is Wan2.1 itself. Train the AR teacher from it:"
+                             "\n    python ar_teacher.py --phase ar --model wan2.1-1.3b --init-weights <Wan2.1 folder> "
+                             "--data <latent folder>")
         mcfg = ModelConfig(**{**asdict(PRESETS[cfg.model]), "shift": cfg.shift})
         model = DiT(mcfg)
-    elif cfg.phase == "ar":
-        model, _ = load_teacher(cfg.out_dir, phase="base")
-        mcfg = model.cfg
     else:
-        raise ValueError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
-    if toy_data.FRAMES % cfg.frames_per_block:
-        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the toy's {toy_data.FRAMES} frames")
-    model = model.to(device).train()
+        model, _ = load_base(cfg)
+        mcfg = model.cfg
+    data = open_data(cfg.data, mcfg)
+    n_frames = data.shape[0]
+    if n_frames % cfg.frames_per_block:
+        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
+    model = prepare(model, cfg.param_dtype, cfg.grad_checkpointing).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), cfg.weight_decay)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # clips, prompt dropout, timesteps
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, history, history_metrics = 0, [], {}
@@ -208,7 +227,8 @@ def train(cfg):
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
         differ = {k: (ckpt["config"].get(k), v) for k, v in asdict(cfg).items()
-                  if k not in ("resume", "ship", "eval_every", "ckpt_every", "device") and ckpt["config"].get(k) != v}
+                  if k not in ("resume", "ship", "eval_every", "ckpt_every", "device", "dry_run")
+                  and ckpt["config"].get(k) != v}
         if differ:
             raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         model.load_state_dict(ckpt["model"])
@@ -221,12 +241,12 @@ def train(cfg):
     elif os.path.exists(path) and not cfg.resume:
         print(f"note: {path} exists and will be overwritten (use --resume to continue it)")
 
-    print(f"{cfg.phase}: {count_parameters(model):,} parameters, {model.tokens_per_frame(toy_data.SIZE, toy_data.SIZE)} "
-          f"tokens/frame, {toy_data.FRAMES} frames, shift {mcfg.shift}, device {device}")
+    print(f"{cfg.phase}: {count_parameters(model):,} parameters, {model.tokens_per_frame(*data.shape[1:])} "
+          f"tokens/frame, {n_frames} frames, shift {mcfg.shift}, device {device}")
     print(cfg)
     grid = timestep_grid(1000, mcfg.shift)
-    fpb = cfg.frames_per_block if cfg.phase == "ar" else toy_data.FRAMES  # base: one block = the whole clip
-    n_blocks = toy_data.FRAMES // fpb
+    fpb = cfg.frames_per_block if cfg.phase == "ar" else n_frames  # base: one block = the whole clip
+    n_blocks = n_frames // fpb
 
     def save():
         save_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", model_config=asdict(mcfg),
@@ -244,9 +264,9 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * frac
 
-        x0, prompts = toy_data.sample_clips(cfg.batch_size, generator=data_gen)
+        x0, ctx, null, _ = data.batch(cfg.batch_size, generator=data_gen)
         drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.prompt_dropout
-        ctx = text(["" if d else p for p, d in zip(prompts, drop.tolist())]).to(device)
+        ctx = torch.where(drop[:, None, None], null, ctx).to(device)  # dropped prompts -> the unconditional text
         t = sample_t(grid, cfg.batch_size, n_blocks, fpb, data_gen, device)  # (B, F)
         eps = torch.randn(x0.shape, generator=noise_gen).to(device)
         x0 = x0.to(device)
@@ -256,8 +276,9 @@ def train(cfg):
             path_kw = dict(frames_per_block=fpb)  # noisy prefix, block-causal: what the model sees is not what it gets
         else:
             path_kw = dict(clean=x0, frames_per_block=fpb)  # ground-truth clean context at t = 0
-        with autocast(device):
-            loss = flow_matching_loss(model, x0, ctx, t, eps, mcfg.shift, cfg.phase == "ar", **path_kw)
+        with autocast(device, model):
+            loss = flow_matching_loss(model, x0, ctx, t, eps, mcfg.shift, cfg.phase == "ar" and cfg.ar_weighting == "bell",
+                                      **path_kw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -268,8 +289,8 @@ def train(cfg):
         pbar.update(1)
         pbar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
 
-        if step % cfg.eval_every == 0 or step == steps:  # EMA samples: metrics + GIF
-            clips, eval_p = generate(ema, cfg, cfg.eval_clips, seed=1234, text=text)
+        if data.is_toy and (step % cfg.eval_every == 0 or step == steps):  # EMA samples: metrics + GIF
+            clips, eval_p = generate(ema, cfg, cfg.eval_clips, seed=1234, text=data.text)
             metrics = toy_data.evaluate(clips, eval_p)
             gif = os.path.join(cfg.out_dir, "samples", f"{os.path.basename(path)[:-3]}_step{step}.gif")
             os.makedirs(os.path.dirname(gif), exist_ok=True)
@@ -279,12 +300,17 @@ def train(cfg):
         if step % cfg.ckpt_every == 0 or step == steps:
             save()
     pbar.close()
+    name = os.path.basename(path)
+    if not data.is_toy:  # Wan scale: no toy evaluator; sample the teacher with sample_stream.py
+        minutes = (time.time() - t_start) / 60
+        print(f"{name} | {step} steps, loss {sum(history[-50:]) / max(1, len(history[-50:])):.4f} | {minutes:.1f} min")
+        save_checkpoint(path, **{**load_checkpoint(path), "minutes": minutes})
+        return {}
 
     # the closing metric line: the EMA model's samples beside real clips of the same count
     minutes = (time.time() - t_start) / 60 if history_metrics else load_checkpoint(path).get("minutes", 0.0)
-    metrics = history_metrics.get(step) or toy_data.evaluate(*generate(ema, cfg, cfg.eval_clips, 1234, text))
+    metrics = history_metrics.get(step) or toy_data.evaluate(*generate(ema, cfg, cfg.eval_clips, 1234, data.text))
     real = toy_data.real_metrics(cfg.eval_clips, seed=0)
-    name = os.path.basename(path)
     print(f"{name} | {cfg.eval_steps}-step CFG {cfg.guidance} | {metric_line(metrics)} | {minutes:.1f} min")
     print(f"{'real clips':>{len(name)}} | {metric_line(real)}")
     ckpt = load_checkpoint(path)

@@ -474,9 +474,10 @@ class DiT(nn.Module):
     def time_conditioning(self, t):
         """t: (B, F) -> e (B, F, D) for the head and e0 (B, F, 6, D) for the blocks, in float32."""
         with torch.autocast(t.device.type, enabled=False):
-            e = self.time_embedding(sinusoidal_embedding(t, self.cfg.freq_dim))  # (B, F, D)
+            emb = sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype)
+            e = self.time_embedding(emb)  # (B, F, D)
             e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # (B, F, 6, D)
-        return e, e0
+        return e.float(), e0.float()
 
     def embed_text(self, context):
         return self.text_embedding(context)  # (B, L, text_dim) -> (B, L, D)
@@ -656,7 +657,7 @@ class LatentFolder:
                             if f.endswith(".safetensors") and f != "negative.safetensors")
         if not self.files:
             raise ValueError(f"latent folder {path} holds no *.safetensors clips")
-        self.text_dim, self.text_len, self.frames = text_dim, text_len, frames
+        self.in_dim, self.text_dim, self.text_len, self.frames = in_dim, text_dim, text_len, frames
         problems, shapes = [], {}
         for fname in self.files:
             with safe_open(fname, framework="pt") as f:
@@ -703,11 +704,255 @@ class LatentFolder:
         """(latents (F, C, H, W) float32, text (text_len, text_dim) float32)"""
         return self._load(self.files[i])
 
+    is_toy = False
+
+    @property
+    def channels(self):
+        return self.in_dim
+
     def batch(self, n, generator=None):
-        """n random clips: latents (n, F, C, H, W), text (n, text_len, text_dim), and the matching null text."""
+        """n random clips: latents (n, F, C, H, W), text (n, text_len, text_dim), the matching null text, and
+        None for the prompts (the same interface as toy_data.ToyData)."""
         idx = torch.randint(0, len(self), (n,), generator=generator).tolist()
         lat, txt = zip(*(self[i] for i in idx))
-        return torch.stack(lat), torch.stack(txt), self.negative.expand(n, -1, -1)
+        return torch.stack(lat), torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None
+
+    def texts(self, n, generator=None):
+        """Text features of n random clips (DMD needs prompts only): text, null text, None."""
+        idx = torch.randint(0, len(self), (n,), generator=generator).tolist()
+        from safetensors import safe_open
+        txt = []
+        for i in idx:
+            with safe_open(self.files[i], framework="pt") as f:
+                txt.append(self._pad_text(f.get_tensor("text")))
+        return torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None
+
+
+@dataclass
+class ScaleOptions:
+    """Options every stage script shares for Wan scale (README, "Wan scale"); each script's Config extends it.
+    At the defaults the scripts run the toy exactly as before."""
+    data: str = "toy"  # "toy", or a latent folder of Wan VAE latents + umT5 features (model.LatentFolder)
+    model: str = "toy"  # preset of the base model: "toy" (ar_teacher.py --phase base trains it) or a Wan preset
+    init_weights: str = ""  # Wan2.1 weights of the base: at Wan scale the base *is* Wan2.1 and stage 0 is skipped
+    param_dtype: str = "float32"  # "bfloat16" halves weights and gradients (pair it with --optimizer lean)
+    optimizer: str = "adamw"  # "adamw" (torch) or "lean" (LeanAdamW: factored 2nd moment, stochastic rounding)
+    grad_checkpointing: bool = False  # recompute each block in backward: activations ~ one block + block inputs
+    dry_run: bool = False  # print this stage's planned peak memory (nothing is allocated) and exit
+    memory_cap_gib: float = 24.0  # the GPU the plan is checked against
+
+
+def open_data(spec, model_cfg):
+    """A stage's training data: "toy" (toy_data.ToyData, the 16x16 world) or a latent folder for a Wan-shaped
+    model. Both answer batch(n, generator) -> (x0, text, null text, prompts) and texts(n, generator)."""
+    if spec == "toy":
+        if model_cfg.in_dim != 3:
+            raise ValueError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "
+                             f"--data <latent folder> for a Wan-shaped model")
+        import toy_data
+        return toy_data.ToyData()
+    if model_cfg.in_dim == 3:
+        raise ValueError(f"--data {spec}: a latent folder needs a Wan-shaped model (--model wan2.1-1.3b or wan-tiny "
+                         f"with --init-weights); the toy model reads --data toy")
+    return LatentFolder(spec, in_dim=model_cfg.in_dim, text_dim=model_cfg.text_dim, text_len=model_cfg.text_len)
+
+
+def wan_base(preset, init_weights, device="cpu"):
+    """The pretrained bidirectional base at Wan scale (stage 0 is skipped there: the base *is* Wan2.1): a DiT of
+    the preset with the weights at `init_weights`, plus a checkpoint-like record for the stages that cite it."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --model {preset!r}; presets: {sorted(PRESETS)}")
+    model = load_wan_weights(DiT(PRESETS[preset]), init_weights)
+    record = dict(stage="base", model_config=dataclasses.asdict(model.cfg), step=0, init_weights=init_weights)
+    return model.to(device).eval(), record
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Memory for one 24 GB GPU: bf16 weights with a lean optimizer, and a planner that says what fits before
+# anything is allocated. (Gradient checkpointing is DiT.gradient_checkpointing.)
+
+
+def stochastic_round_bf16(x):
+    """float32 -> bfloat16, rounding up or down at random with the probability that makes the result unbiased
+    (E[round(x)] = x). bf16 keeps 8 mantissa bits, so an update 1000x smaller than a weight is lost by
+    round-to-nearest every time; stochastic rounding lands it on average. Trick: add 16 random low bits to the
+    float32 bit pattern, then drop the low 16 bits (what is left is exactly a bf16 number)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class LeanAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights on one GPU. The second moment of every matrix is factored into row and column means
+    (Adafactor, Shazeer & Stern 2018: v_ij ~ r_i c_j / mean(r), O(m + n) floats instead of O(mn)); the first
+    moment, if beta1 > 0, is kept in the weights' dtype; the step is computed in float32 and written back to
+    bf16 weights with stochastic rounding. Per parameter: 2 bytes weight + 2 grad (+ 2 momentum) against
+    4 + 4 + 8 for float32 AdamW. With beta1 = 0 (the official stage 2-3 betas (0, 0.999)) there is no first
+    moment at all. Parameters with one dimension keep an unfactored second moment."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float().reshape(p.shape[0], -1) if p.dim() >= 2 else p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if p.dim() >= 2:  # rows: first dim; columns: everything else flattened
+                        state["row"] = torch.zeros(g.shape[0], device=p.device)
+                        state["col"] = torch.zeros(g.shape[1], device=p.device)
+                    else:
+                        state["v"] = torch.zeros_like(g)
+                    if b1 > 0:
+                        state["m"] = torch.zeros(g.shape, device=p.device, dtype=p.dtype)
+                state["step"] += 1
+                n = state["step"]
+                g2 = g * g + 1e-30
+                if p.dim() >= 2:
+                    state["row"].lerp_(g2.mean(1), 1 - b2)
+                    state["col"].lerp_(g2.mean(0), 1 - b2)
+                    v = state["row"][:, None] * state["col"][None, :] / state["row"].mean()
+                else:
+                    v = state["v"].lerp_(g2, 1 - b2)
+                if b1 > 0:
+                    m = state["m"].float().lerp_(g, 1 - b1)
+                    state["m"].copy_(m)
+                    g = m / (1 - b1 ** n)
+                update = g / ((v / (1 - b2 ** n)).sqrt() + eps)  # bias-corrected, like AdamW
+                w = p.float().reshape(g.shape)
+                w.mul_(1 - lr * wd).add_(update, alpha=-lr)  # decoupled weight decay
+                w = w.reshape(p.shape)
+                p.copy_(stochastic_round_bf16(w) if p.dtype == torch.bfloat16 else w)
+
+
+def make_optimizer(params, name, lr, betas, weight_decay):
+    """'adamw': torch AdamW (its states take the parameters' dtype). 'lean': LeanAdamW."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "lean":
+        return LeanAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"--optimizer must be 'adamw' or 'lean' (got {name!r})")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def prepare(model, param_dtype="float32", grad_checkpointing=False):
+    """Apply a script's memory options to a model: weight dtype and gradient checkpointing."""
+    if param_dtype not in DTYPES:
+        raise ValueError(f"--param-dtype must be one of {sorted(DTYPES)} (got {param_dtype!r})")
+    model.gradient_checkpointing = grad_checkpointing
+    return model.to(DTYPES[param_dtype])
+
+
+def activation_bytes(cfg, batch, tokens, queries_out, text_len, act_bytes, grad_checkpointing):
+    """Bytes autograd keeps for one forward of `tokens` tokens per sample through the DiT (backward peak).
+    Per layer and token, counted from Block.forward: the residual stream (float32, kept between sublayers),
+    ~24 D-wide and 2 ffn-wide activations in the compute dtype (norm/modulate outputs, q/k/v before and after
+    RMSNorm and RoPE, attention in/out, ffn hidden before and after GELU), and the text K/V per layer. With
+    gradient checkpointing only each block's float32 input is kept, plus one block's activations while it is
+    recomputed in backward. `queries_out` tokens go through the head (the noisy half under teacher forcing)."""
+    D, Fh, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    per_layer = batch * tokens * (24 * D * act_bytes + 2 * Fh * act_bytes + 3 * D * 4) \
+        + batch * text_len * 4 * D * act_bytes
+    head = batch * queries_out * (3 * D * 4 + 2 * math.prod(cfg.patch) * cfg.out_dim * 4)
+    if grad_checkpointing:
+        return layers * batch * tokens * D * 4 + per_layer + head
+    return layers * per_layer + head
+
+
+def kv_cache_bytes(cfg, batch, frames, tokens_per_frame, act_bytes):
+    """The self-attention K/V of `frames` frames in every layer, plus the text K/V per layer."""
+    return cfg.num_layers * batch * (2 * frames * tokens_per_frame + 2 * cfg.text_len) * cfg.dim * act_bytes
+
+
+def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype="float32", optimizer="adamw",
+                grad_checkpointing=False, ema=True, act_dtype=None, momentum=False):
+    """Estimated peak memory of one training step of a stage, in bytes, by part. Nothing is allocated.
+    stage: 'ar' (teacher forcing, stage 1), 'cd' (stage 2b: + frozen teacher + EMA target), 'ode' (stage 2a
+    student), 'dmd' (stage 3: generator + critic trainable, frozen real score), 'stream' (inference).
+    act_dtype: the compute dtype of activations (bfloat16 under CUDA autocast, float32 on CPU)."""
+    pb = DTYPES[param_dtype].itemsize if param_dtype in DTYPES else 4
+    ab = (DTYPES[act_dtype] if act_dtype else torch.float32).itemsize
+    n_params = sum(math.prod(s) for s in _param_shapes(cfg))
+    w = n_params * pb
+    opt = _optimizer_bytes_from_shapes(cfg, optimizer, pb, momentum)
+    tpf = (H // cfg.patch[1]) * (W // cfg.patch[2])
+    N = frames * tpf
+    tf_act = activation_bytes(cfg, batch, 2 * N, N, cfg.text_len, ab, grad_checkpointing)  # [clean | noisy]
+    bi_act = activation_bytes(cfg, batch, N, N, cfg.text_len, ab, grad_checkpointing)
+    io = 8 * batch * frames * cfg.in_dim * H * W * 4  # clips, noise, targets, predictions (float32)
+    parts = {}
+    if stage == "ar":
+        parts = dict(weights=w * (2 if ema else 1), grads=w, optimizer=opt, activations=tf_act)
+    elif stage == "ode":
+        parts = dict(weights=w * (2 if ema else 1), grads=w, optimizer=opt, activations=tf_act)
+    elif stage == "cd":  # student (trainable) + EMA target + frozen teacher
+        parts = dict(weights=3 * w, grads=w, optimizer=opt, activations=tf_act)
+    elif stage == "dmd":  # generator + critic trainable, real score frozen, optional generator EMA
+        kv = kv_cache_bytes(cfg, batch, frames, tpf, ab)
+        # generator update: the exit-step forwards of all blocks keep ~one whole-clip forward of activations
+        parts = dict(weights=w * (4 if ema else 3), grads=2 * w, optimizer=2 * opt, activations=bi_act,
+                     kv_cache=kv)
+    elif stage == "stream":
+        parts = dict(weights=w, kv_cache=kv_cache_bytes(cfg, batch, frames, tpf, ab),
+                     activations=batch * frames_per_block * tpf * (4 * cfg.dim + cfg.ffn_dim) * ab * 2)
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    parts["inputs"] = io
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def dry_run(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
+    """--dry-run: the plan for this stage at the data's clip size, printed before anything is loaded."""
+    if opts.model not in PRESETS:
+        raise ValueError(f"unknown --model {opts.model!r}; presets: {sorted(PRESETS)}")
+    cfg = PRESETS[opts.model]
+    if opts.data == "toy":
+        import toy_data
+        frames, H, W = toy_data.ToyData.shape
+    else:
+        frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len).shape
+    act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"
+    parts = plan_memory(stage, cfg, batch, frames, H, W, frames_per_block, opts.param_dtype, opts.optimizer,
+                        opts.grad_checkpointing, ema=ema, act_dtype=act, momentum=momentum)
+    print(f"{opts.model}, batch {batch}, clips of {frames} x {H} x {W} ({frames * (H // cfg.patch[1]) * (W // cfg.patch[2])}"
+          f" tokens), weights {opts.param_dtype}, activations {act}, optimizer {opts.optimizer}, "
+          f"gradient checkpointing {'on' if opts.grad_checkpointing else 'off'}")
+    print(format_plan(stage, parts, opts.memory_cap_gib))
+    return parts
+
+
+def _param_shapes(cfg):
+    with torch.device("meta"):  # shapes only: a 14B model costs nothing here
+        return [tuple(p.shape) for p in DiT(cfg).parameters()]
+
+
+def _optimizer_bytes_from_shapes(cfg, name, param_bytes, momentum):
+    """AdamW: exp_avg + exp_avg_sq in the parameter dtype. Lean: row + column means (float32) per matrix, a full
+    float32 second moment per vector, and a first moment in the parameter dtype only when beta1 > 0."""
+    total = 0
+    for s in _param_shapes(cfg):
+        n = math.prod(s)
+        if name == "adamw":
+            total += 2 * n * param_bytes
+        else:
+            total += 4 * (s[0] + n // s[0] if len(s) >= 2 else n) + (n * param_bytes if momentum else 0)
+    return total
+
+
+def format_plan(stage, parts, cap_gib=24.0):
+    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
+    body = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total")
+    verdict = "fits" if parts["total"] <= cap_gib * 2 ** 30 else "does NOT fit"
+    return f"{stage}: estimated peak {gib(parts['total'])} ({body}) -> {verdict} in {cap_gib:g} GiB"
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -724,10 +969,13 @@ def pick_device(name="auto"):
     return torch.device("cpu")
 
 
-def autocast(device):
-    """bf16 autocast on GPU (Wan scale), plain float32 elsewhere (the toy on CPU is deterministic)."""
+def autocast(device, model=None):
+    """bf16 autocast on GPU (Wan scale), plain float32 elsewhere (the toy on CPU is deterministic); on CPU also
+    bf16 autocast when the model's weights are bf16 (--param-dtype bfloat16), so their matmuls run at all."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if model is not None and next(model.parameters()).dtype == torch.bfloat16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

@@ -188,6 +188,28 @@ def sample_clips(n, seed=None, generator=None, frames=FRAMES, prompts=None):
     return render(traj["shape"], traj["colour"], traj["pos"]), traj["prompts"]
 
 
+class ToyData:
+    """The toy world behind the interface every stage script trains on; model.LatentFolder is the Wan-scale one.
+        batch(n, generator) -> x0 (n, F, C, H, W), text (n, L, text_dim), null text, prompts
+        texts(n, generator) -> text, null text, prompts      (DMD: prompts only, the clips come from rollouts)
+        shape = (F, H, W), channels = C
+    Both draw from `generator` in the same order as the toy-only code did, so toy runs are unchanged."""
+
+    is_toy = True
+    shape, channels = (FRAMES, SIZE, SIZE), 3
+
+    def __init__(self):
+        self.text = TextEncoder()
+
+    def batch(self, n, generator=None):
+        x0, prompts = sample_clips(n, generator=generator)
+        return x0, self.text(prompts), self.text([""] * n), prompts
+
+    def texts(self, n, generator=None):
+        prompts = [PROMPTS[i] for i in torch.randint(0, len(PROMPTS), (n,), generator=generator)]
+        return self.text(prompts), self.text([""] * n), prompts
+
+
 # -----------------------------------------------------------------------------
 # the exact evaluator
 
