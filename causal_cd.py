@@ -36,13 +36,14 @@ from tqdm import tqdm
 
 import ar_teacher
 import toy_data
-from model import (ema_update, add_noise, autocast, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
-                   pick_device, save_checkpoint, timestep_grid, x0_from_v)
+from model import (ScaleOptions, add_noise, autocast, dry_run, ema_update, euler_step, load_checkpoint, make_optimizer,
+                   model_from_checkpoint, open_data, parse_config, pick_device, prepare, save_checkpoint, timestep_grid,
+                   x0_from_v)
 from sample_stream import cfg_velocity, toy_few_step_report
 
 
 @dataclass
-class Config:
+class Config(ScaleOptions):  # ScaleOptions (model.py): --data and the memory options for Wan scale
     toy: bool = False  # the front door: first train whichever toy teacher checkpoint is missing
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     steps: int = 300  # student optimizer steps
@@ -92,16 +93,19 @@ def ensure_teachers(cfg):
 
 
 def train(cfg):
+    if cfg.dry_run:  # the plan of one training step, before anything is loaded
+        return dry_run("cd", cfg, cfg.batch_size, cfg.frames_per_block)
     t_start = time.time()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.toy:
         ensure_teachers(cfg)
     teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device)
-    teacher.requires_grad_(False)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)
+    data = open_data(cfg.data, teacher.cfg)
+    teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
+    student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)  # the target network
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.0)
+    opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], checkpoint_path(cfg)
     if cfg.resume and os.path.exists(path):
@@ -111,7 +115,6 @@ def train(cfg):
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {path} at step {step}")
     print(cfg)
-    text = toy_data.TextEncoder()
     grid = timestep_grid(48, teacher.cfg.shift)
 
     def save(**extra):
@@ -124,9 +127,9 @@ def train(cfg):
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        x0, prompts = toy_data.sample_clips(cfg.batch_size, generator=data_gen)
-        ctx, null = text(prompts).to(device), text([""] * cfg.batch_size).to(device)
-        with autocast(device):
+        x0, ctx, null, _ = data.batch(cfg.batch_size, generator=data_gen)
+        ctx, null = ctx.to(device), null.to(device)
+        with autocast(device, student):
             loss = cd_loss(student, ema, teacher, x0.to(device), ctx, null, grid, cfg.guidance,
                            cfg.frames_per_block, data_gen)
         opt.zero_grad(set_to_none=True)
@@ -142,6 +145,11 @@ def train(cfg):
             save()
     pbar.close()
     cd_minutes = (time.time() - t_cd) / 60
+    if not data.is_toy:  # Wan scale: no toy evaluator; sample the student with sample_stream.py
+        print(f"causal_cd: {step} steps, loss {sum(history[-20:]) / max(1, len(history[-20:])):.5f}, {cd_minutes:.1f} min, "
+              f"0 bytes of trajectories stored -> {path}")
+        save(minutes=cd_minutes)
+        return {}
 
     metrics = toy_few_step_report(ema, "causal_cd", cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
     real = toy_data.real_metrics(cfg.eval_clips, seed=0)

@@ -58,15 +58,17 @@ import ar_teacher
 import causal_cd
 import ode_init
 import toy_data
-from model import (add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
-                   pick_device, save_checkpoint, shift_sigma, warped_steps, x0_from_v)
+from model import (ScaleOptions, add_noise, autocast, dry_run, ema_update, load_checkpoint, make_optimizer,
+                   model_from_checkpoint, open_data, parse_config, pick_device, prepare, save_checkpoint, shift_sigma,
+                   warped_steps, x0_from_v)
 from sample_stream import cfg_velocity, sample_stream, stream_speed, toy_few_step_samples
 
 INITS = ("bidirectional_ode", "ar_teacher", "causal_ode", "causal_cd")  # the table's row order (CF++ Table 2)
 
 
 @dataclass
-class Config:
+class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --init-weights (the real score at Wan
+    # scale) and the memory options
     init: str = "causal_cd"  # causal_cd | causal_ode | bidirectional_ode | ar_teacher
     num_steps: int = 4  # denoising steps per block: 1, 2 or 4
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the init checkpoint must match)
@@ -162,31 +164,35 @@ def critic_loss(critic, x, ctx, t, eps):
 
 
 def train(cfg):
+    if cfg.dry_run:  # the plan of one generator + critic update, before anything is loaded
+        return dry_run("dmd", cfg, cfg.batch_size, cfg.frames_per_block, ema=cfg.ema_start > 0)
     t_start = time.time()
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.num_steps not in (1, 2, 4):
         raise ValueError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
-    if toy_data.FRAMES % cfg.frames_per_block:
-        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the toy's {toy_data.FRAMES} frames")
     generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device)
-    real, _ = ar_teacher.load_teacher(cfg.out_dir, "base", device=device)
-    real.requires_grad_(False)
-    critic = copy.deepcopy(real).train().requires_grad_(True)  # fake score: starts as the base
-    generator.train().requires_grad_(True)
+    data = open_data(cfg.data, generator.cfg)
+    n_frames, H, W = data.shape
+    if n_frames % cfg.frames_per_block:
+        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
+    real, _ = ar_teacher.load_base(cfg, device=device)  # the toy base, or Wan2.1 with --init-weights
+    real = prepare(real, cfg.param_dtype).requires_grad_(False)
+    critic = prepare(copy.deepcopy(real), cfg.param_dtype, cfg.grad_checkpointing)  # fake score: starts as the base
+    critic.train().requires_grad_(True)
+    generator = prepare(generator, cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
     ema = None  # created at ema_start (official: EMA from step 200)
-    opt_g = torch.optim.AdamW(generator.parameters(), lr=cfg.lr, betas=(0.0, 0.999), weight_decay=0.01)
-    opt_c = torch.optim.AdamW(critic.parameters(), lr=cfg.lr_critic, betas=(0.0, 0.999), weight_decay=0.01)
+    opt_g = make_optimizer(generator.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.01)
+    opt_c = make_optimizer(critic.parameters(), cfg.optimizer, cfg.lr_critic, (0.0, 0.999), 0.01)
     gen = torch.Generator().manual_seed(cfg.seed)  # prompts, noise, exit steps, DMD timesteps
     shift = generator.cfg.shift
     steps, first_steps = step_lists(cfg.num_steps, cfg.frames_per_block, shift)
-    text = toy_data.TextEncoder()
     path = checkpoint_path(cfg)
     it, log = 0, []  # it counts critic updates; a generator update happens when it % critic_ratio == 0
 
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage="dmd", make_cmd=make_command(cfg))
-        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table")
+        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "dry_run")
         differ = {k: (ckpt["config"].get(k), v) for k, v in asdict(cfg).items()
                   if k not in keep and ckpt["config"].get(k) != v}
         if differ:
@@ -203,11 +209,10 @@ def train(cfg):
           + (f", block 0 on {[round(s, 1) for s in first_steps]}" if first_steps else "") + f", device {device}")
     print(cfg)
 
-    def batch():
-        idx = torch.randint(0, len(toy_data.PROMPTS), (cfg.batch_size,), generator=gen)
-        prompts = [toy_data.PROMPTS[i] for i in idx]
-        noise = torch.randn(cfg.batch_size, toy_data.FRAMES, 3, toy_data.SIZE, toy_data.SIZE, generator=gen)
-        return text(prompts).to(device), text([""] * cfg.batch_size).to(device), noise.to(device)
+    def batch():  # prompts only: the clips DMD trains on are the generator's own rollouts
+        ctx, null, _ = data.texts(cfg.batch_size, generator=gen)
+        noise = torch.randn(cfg.batch_size, n_frames, data.channels, H, W, generator=gen)
+        return ctx.to(device), null.to(device), noise.to(device)
 
     def dmd_t_eps(like):
         t = sample_dmd_t(like.shape[0], shift, cfg.min_t, cfg.max_t, gen).to(device)
@@ -220,6 +225,8 @@ def train(cfg):
                         rng=gen.get_state(), iteration=it, log=log)
 
     def evaluate(tag):
+        if not data.is_toy:  # Wan scale: no toy evaluator; the log keeps the losses
+            return {}, None
         model = (ema or generator).eval()
         clips, prompts = toy_few_step_samples(model, cfg.eval_clips, cfg.num_steps, cfg.frames_per_block,
                                               first_block_4step=first_steps is not None)
@@ -230,10 +237,10 @@ def train(cfg):
 
     def critic_update():
         ctx, _, noise = batch()
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), autocast(device, generator):
             x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
         t, eps = dmd_t_eps(x)
-        with autocast(device):
+        with autocast(device, critic):
             loss_c = critic_loss(critic, x, ctx, t, eps)
         opt_c.zero_grad(set_to_none=True)
         loss_c.backward()
@@ -254,7 +261,7 @@ def train(cfg):
     while it < total:
         if it % cfg.critic_ratio == 0:  # ---- generator update: rollout with grad at the exit steps, DMD loss
             ctx, null, noise = batch()
-            with autocast(device):
+            with autocast(device, generator):
                 x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
                 t, eps = dmd_t_eps(x)
                 loss_g, g_abs = dmd_loss(x, real, critic, ctx, null, cfg.real_guidance, t, eps)
@@ -288,6 +295,9 @@ def train(cfg):
         log[-1].update(evaluate("after DMD    ")[0])
     save()
     minutes = (time.time() - t_start) / 60
+    if not data.is_toy:
+        print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}")
+        return {}, minutes
     clips, _ = toy_few_step_samples((ema or generator).eval(), 18, cfg.num_steps, cfg.frames_per_block,
                                     first_block_4step=first_steps is not None)
     gif = os.path.join(cfg.out_dir, "samples", os.path.basename(path).replace(".pt", ".gif"))

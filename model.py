@@ -34,7 +34,9 @@ t = 0 is clean data. The network predicts the velocity v = eps - x0, so x0_hat =
 Shape legend: B batch, F frames, C channels, H, W pixels (or latent pixels), N tokens, D model dim,
 h heads, d head dim, L text tokens. Videos are (B, F, C, H, W).
 
-Commands: this file has no main; `python -m pytest -q` tests it (see README).
+Commands (Wan scale only; needs requirements-wan.txt): make a latent folder from videos and their prompts,
+    python model.py --videos VIDEO_DIR --out LATENT_DIR [--negative "..."] [--frames 81] [--size 480x832]
+`python -m pytest -q` tests this file (see README).
 """
 import math
 import os
@@ -738,8 +740,108 @@ class ScaleOptions:
     param_dtype: str = "float32"  # "bfloat16" halves weights and gradients (pair it with --optimizer lean)
     optimizer: str = "adamw"  # "adamw" (torch) or "lean" (LeanAdamW: factored 2nd moment, stochastic rounding)
     grad_checkpointing: bool = False  # recompute each block in backward: activations ~ one block + block inputs
-    dry_run: bool = False  # print this stage's planned peak memory (nothing is allocated) and exit
+    dry_run: bool = False  # print this stage's planned peak memory (nothing is allocated) and exit; with
+    # --dry-run, --data may also be a latent clip size FxHxW, e.g. 21x60x104 (81 frames of 480x832)
     memory_cap_gib: float = 24.0  # the GPU the plan is checked against
+
+
+# Encoding prompts and videos, decoding latents: the optional extra (requirements-wan.txt). The stages never
+# need it: they read a latent folder. Text: umT5-XXL features exactly as Wan's pipeline makes them (tokens padded
+# to 512, the padding rows dropped, zero rows appended later by LatentFolder). Video: the Wan VAE's latent mean,
+# normalised per channel, (z - latents_mean) / latents_std, the form the DiT is trained on.
+
+WAN_DIFFUSERS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # the repo with tokenizer/, text_encoder/ and vae/ subfolders
+
+
+def _optional(module):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"encoding prompts / videos and decoding latents needs `{module}`: pip install -r "
+                          f"requirements-wan.txt (the stage scripts themselves run on precomputed latents "
+                          f"without it)") from err
+
+
+class WanTextEncoder:
+    """Prompts -> umT5-XXL features [(L_i, 4096)], L_i <= 512 the prompt's token count (Wan's prompt_embeds)."""
+
+    def __init__(self, repo=WAN_DIFFUSERS, device="cpu"):
+        transformers = _optional("transformers")
+        self.device = torch.device(device)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(repo, subfolder="tokenizer")
+        self.encoder = transformers.UMT5EncoderModel.from_pretrained(repo, subfolder="text_encoder",
+                                                                    torch_dtype=torch.bfloat16).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        tok = self.tokenizer(prompts, padding="max_length", max_length=512, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = tok.attention_mask.to(self.device)
+        hidden = self.encoder(tok.input_ids.to(self.device), mask).last_hidden_state
+        return [h[:n].float().cpu() for h, n in zip(hidden, mask.sum(1).tolist())]
+
+
+class WanVAE:
+    """Videos (T, H, W, 3) uint8, T = 4k + 1 -> latents (k + 1, 16, H/8, W/8), and back."""
+
+    def __init__(self, repo=WAN_DIFFUSERS, device="cpu", dtype=torch.float32):
+        diffusers = _optional("diffusers")
+        self.device, self.dtype = torch.device(device), dtype
+        self.vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        c = self.vae.config
+        self.mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, video):
+        x = torch.as_tensor(video).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W) in [-1, 1]
+        z = self.vae.encode(x.to(self.device, self.dtype)).latent_dist.mode().float().cpu()
+        return ((z - self.mean) / self.std)[0].transpose(0, 1).contiguous()  # (F, 16, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        z = latents.float().transpose(0, 1)[None] * self.std + self.mean  # (1, 16, F, h, w), un-normalised
+        x = self.vae.decode(z.to(self.device, self.dtype)).sample[0].float().cpu()  # (3, T, H, W)
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+
+
+def read_video(path, frames=81, size=(480, 832)):
+    """The first `frames` frames of a video file, centre-cropped to the aspect of `size` and resized to it:
+    (T, H, W, 3) uint8. Wan2.1-1.3B's native clip is 81 frames of 480 x 832."""
+    import imageio.v3 as iio
+    import numpy as np
+    video = np.asarray(iio.imread(path, index=None))[:frames]  # (T, H, W, 3)
+    if len(video) < frames:
+        raise ValueError(f"{path} has {len(video)} frames, fewer than the {frames} asked for")
+    x = torch.from_numpy(video[..., :3]).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    H, W = x.shape[2:]
+    scale = max(size[0] / H, size[1] / W)
+    x = F.interpolate(x, size=(max(size[0], round(H * scale)), max(size[1], round(W * scale))), mode="area")
+    top, left = (x.shape[2] - size[0]) // 2, (x.shape[3] - size[1]) // 2
+    x = x[:, :, top:top + size[0], left:left + size[1]]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), device="cpu"):
+    """videos/NAME.mp4 with its prompt in videos/NAME.txt -> out/NAME.safetensors (model.LatentFolder's format)."""
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(videos) if f.endswith((".mp4", ".gif", ".webm", ".mov")))
+    missing = [n for n in names if not os.path.exists(os.path.join(videos, n + ".txt"))]
+    if not names or missing:
+        raise ValueError(f"{videos}: expected NAME.mp4 + NAME.txt (the prompt) pairs; "
+                         + (f"no prompt file for {missing[:5]}" if names else "no videos found"))
+    from tqdm import tqdm
+    text, vae = WanTextEncoder(device=device), WanVAE(device=device)
+    if negative:
+        write_latent_clip(os.path.join(out, "negative.safetensors"), torch.zeros(1, 16, 1, 1), text([negative])[0])
+    for name in tqdm(names, desc="encoding clips"):
+        dest = os.path.join(out, name + ".safetensors")
+        if os.path.exists(dest):  # resumable: clips already written are kept
+            continue
+        video_path = next(os.path.join(videos, name + e) for e in (".mp4", ".gif", ".webm", ".mov")
+                          if os.path.exists(os.path.join(videos, name + e)))
+        prompt = open(os.path.join(videos, name + ".txt")).read().strip()
+        write_latent_clip(dest, vae.encode(read_video(video_path, frames, size)), text([prompt])[0], prompt)
 
 
 def open_data(spec, model_cfg):
@@ -844,11 +946,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def prepare(model, param_dtype="float32", grad_checkpointing=False):
-    """Apply a script's memory options to a model: weight dtype and gradient checkpointing."""
+    """Apply a script's memory options to a model: weight dtype and gradient checkpointing. With bfloat16 the
+    matrices (Linear, Conv3d) and the q/k RMSNorm scales become bf16; the LayerNorm of the float32 residual
+    stream and the modulation vectors (added to float32 time embeddings) stay float32: ~0.1% of the weights."""
     if param_dtype not in DTYPES:
         raise ValueError(f"--param-dtype must be one of {sorted(DTYPES)} (got {param_dtype!r})")
     model.gradient_checkpointing = grad_checkpointing
-    return model.to(DTYPES[param_dtype])
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d, RMSNorm)):
+            m.to(DTYPES[param_dtype])
+    return model
 
 
 def activation_bytes(cfg, batch, tokens, queries_out, text_len, act_bytes, grad_checkpointing):
@@ -918,6 +1025,8 @@ def dry_run(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
     if opts.data == "toy":
         import toy_data
         frames, H, W = toy_data.ToyData.shape
+    elif all(v.isdigit() for v in opts.data.split("x")) and opts.data.count("x") == 2:  # --data FxHxW: plan only
+        frames, H, W = (int(v) for v in opts.data.split("x"))
     else:
         frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len).shape
     act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"
@@ -1039,3 +1148,17 @@ def model_from_checkpoint(ckpt, key="model", device="cpu"):
         raise WeightsMismatchError(f"checkpoint weights do not match its saved config:\n{report}")
     model.load_state_dict(state, strict=True)
     return model.to(device)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Encode videos (NAME.mp4) and prompts (NAME.txt) into a latent "
+                                                 "folder for the stage scripts' --data (needs requirements-wan.txt)")
+    parser.add_argument("--videos", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--negative", default="", help="negative prompt; its features become the unconditional text")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--size", default="480x832", help="HxW of the videos fed to the VAE")
+    parser.add_argument("--device", default="auto")
+    a = parser.parse_args()
+    make_latent_folder(a.videos, a.out, a.negative, a.frames, tuple(int(v) for v in a.size.split("x")),
+                       pick_device(a.device))

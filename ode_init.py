@@ -41,9 +41,9 @@ import torch
 from tqdm import tqdm
 
 import toy_data
-from ar_teacher import load_teacher
-from model import (ema_update, autocast, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
-                   save_checkpoint, warped_steps, x0_from_v)
+from ar_teacher import load_base, load_teacher
+from model import (ScaleOptions, autocast, dry_run, ema_update, load_checkpoint, make_optimizer, model_from_checkpoint,
+                   open_data, parse_config, pick_device, prepare, save_checkpoint, warped_steps, x0_from_v)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
 
@@ -51,7 +51,7 @@ STORED = [0, 12, 24, 36, 48]  # trajectory points kept: the 4-step list's t (48-
 
 
 @dataclass
-class Config:
+class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --init-weights and the memory options
     teacher: str = "ar"  # "ar" (causal ODE, Causal Forcing) or "bidirectional" (CausVid / Self Forcing init)
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     num_pairs: int = 384  # ODE trajectories to generate (one per ground-truth clip)
@@ -124,33 +124,37 @@ def pair_metadata(cfg, teacher_ckpt):
 
 
 def make_pairs(cfg, teacher, teacher_ckpt, device):
-    """Generate (or load) cfg.num_pairs ODE trajectories. Returns dict(x0, states, prompts, meta, bytes, seconds)."""
+    """Generate (or load) cfg.num_pairs ODE trajectories. Returns dict(x0, states, text, null, prompts, meta, bytes,
+    seconds). They are held in memory and in one file: fine for the toy (tens of MiB); at Wan scale one pair is
+    ~50 MB in float32, so keep --num-pairs small there (the official data for Wan2.1 is 1,900 GiB in an LMDB)."""
     path = pairs_path(cfg)
     meta = pair_metadata(cfg, teacher_ckpt)
     if os.path.exists(path):
         pairs = torch.load(path, map_location="cpu", weights_only=False)
         differ = {k: (pairs["meta"].get(k), v) for k, v in meta.items() if pairs["meta"].get(k) != v}
-        if differ or len(pairs["prompts"]) < cfg.num_pairs:
+        if differ or len(pairs["x0"]) < cfg.num_pairs:
             raise ValueError(f"{path} was made for another setup (saved, now): {differ or 'fewer pairs'}; "
                              f"delete it to regenerate, or use another --out-dir")
-        print(f"loaded {len(pairs['prompts'])} ODE pairs from {path}")
+        print(f"loaded {len(pairs['x0'])} ODE pairs from {path}")
+        if "text" not in pairs:  # a toy pair file written before pairs stored their text features
+            pairs["text"], pairs["null"] = toy_data.TextEncoder()(pairs["prompts"]), None
         return pairs
-    text = toy_data.TextEncoder()
+    data = open_data(cfg.data, teacher.cfg)
     g = torch.Generator().manual_seed(cfg.seed + 100)
-    x0_all, prompts = toy_data.sample_clips(cfg.num_pairs, generator=g)
+    x0_all, text_all, null_all, prompts = data.batch(cfg.num_pairs, generator=g)
     eps_all = torch.randn(x0_all.shape, generator=g)
-    states, t0, bs = [], time.time(), 64
+    states, t0, bs = [], time.time(), 64 if data.is_toy else 1
     for i in tqdm(range(0, cfg.num_pairs, bs), desc=f"ODE pairs ({cfg.teacher} teacher)"):
-        p = prompts[i:i + bs]
-        ctx, null = text(p).to(device), text([""] * len(p)).to(device)
+        ctx, null = text_all[i:i + bs].to(device), null_all[i:i + bs].to(device)
         eps, x0 = eps_all[i:i + bs].to(device), x0_all[i:i + bs].to(device)
-        with autocast(device):
+        with autocast(device, teacher):
             if cfg.teacher == "ar":
                 s = causal_ode_trajectory(teacher, x0, eps, ctx, null, cfg.guidance, cfg.frames_per_block)
             else:
                 s = bidirectional_ode_trajectory(teacher, eps, ctx, null, cfg.guidance)
         states.append(s.float().cpu())
-    pairs = dict(x0=x0_all, states=torch.cat(states), prompts=prompts, meta=meta, seconds=time.time() - t0)
+    pairs = dict(x0=x0_all, states=torch.cat(states), text=text_all, null=null_all, prompts=prompts, meta=meta,
+                 seconds=time.time() - t0)
     pairs["bytes"] = pairs["states"].numel() * 4 + (x0_all.numel() * 4 if cfg.teacher == "ar" else 0)
     save_checkpoint(path, **pairs)
     print(f"{cfg.num_pairs} ODE pairs: {pairs['bytes'] / 2 ** 20:.1f} MiB stored, {pairs['seconds']:.0f} s -> {path}")
@@ -182,17 +186,22 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
 def train(cfg):
     if cfg.teacher not in ("ar", "bidirectional"):
         raise ValueError(f"--teacher must be 'ar' or 'bidirectional' (got {cfg.teacher!r})")
+    if cfg.dry_run:  # the plan of one student step (pair generation needs less: no grads), nothing loaded
+        return dry_run("ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     device = pick_device(cfg.device)
     torch.manual_seed(cfg.seed)
     if cfg.teacher == "ar":
         teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device)
-    else:
-        teacher, teacher_ckpt = load_teacher(cfg.out_dir, "base", device=device)
+    else:  # the bidirectional base: the toy's, or Wan2.1 with --init-weights
+        teacher, teacher_ckpt = load_base(cfg, device=device)
+    teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
     t_start = time.time()
     pairs = make_pairs(cfg, teacher, teacher_ckpt, device)
-    student = copy.deepcopy(teacher).train().requires_grad_(True)  # init: the teacher itself (see docstring)
+    student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing)  # init: the teacher itself
+    student.train().requires_grad_(True)
+    del teacher
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), 0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], student_path(cfg)
     if cfg.resume and os.path.exists(path):
@@ -202,8 +211,7 @@ def train(cfg):
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {path} at step {step}")
     print(cfg)
-    text = toy_data.TextEncoder()
-    ctx_all = text(pairs["prompts"])
+    ctx_all = pairs["text"]
 
     def save(**extra):
         save_checkpoint(path, stage=stage_name(cfg.teacher), model_config=teacher_ckpt["model_config"],
@@ -216,9 +224,9 @@ def train(cfg):
         frac = min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * frac
-        idx = torch.randint(0, len(pairs["prompts"]), (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, len(pairs["x0"]), (cfg.batch_size,), generator=gen)
         batch = (pairs["states"][idx].to(device), pairs["x0"][idx].to(device))
-        with autocast(device):
+        with autocast(device, student):
             loss = ode_regression_loss(student, batch, ctx_all[idx].to(device), cfg.teacher, cfg.frames_per_block,
                                        student.cfg.shift, gen)
         opt.zero_grad(set_to_none=True)
@@ -233,6 +241,12 @@ def train(cfg):
         if step % cfg.ckpt_every == 0:
             save()
     pbar.close()
+    minutes = (time.time() - t_start) / 60
+    if cfg.data != "toy":  # Wan scale: no toy evaluator; sample the student with sample_stream.py
+        print(f"{stage_name(cfg.teacher)}: {step} steps, {minutes:.1f} min including pairs "
+              f"({pairs['bytes'] / 2 ** 20:.1f} MiB stored) -> {path}")
+        save(minutes=minutes)
+        return {}
     metrics = toy_few_step_report(ema, stage_name(cfg.teacher), cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
     minutes = (time.time() - t_start) / 60
     print(f"{stage_name(cfg.teacher)}: {minutes:.1f} min including pairs ({pairs['seconds'] / 60:.1f} min, "

@@ -108,3 +108,141 @@ def test_live_bytes_meter_counts_allocations_and_frees():
         c = b.view(-1)  # a view allocates nothing
         del b, c
     assert meter.peak == 2_000_000 and meter.current == 0
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The lean optimizer
+
+
+def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_the_update():
+    x = torch.full((200_000,), 1.0 + 1e-3)  # between the bf16 neighbours 1.0 and 1.0078125
+    assert x.to(torch.bfloat16).float().unique().tolist() == [1.0]  # round-to-nearest: the 1e-3 is gone
+    r = M.stochastic_round_bf16(x).float()
+    assert set(r.unique().tolist()) == {1.0, 1.0078125}
+    assert abs(r.mean().item() - (1.0 + 1e-3)) < 1e-4  # on average it lands
+
+
+def test_lean_adamw_factored_moment_is_exact_for_rank_one_squares_and_updates_bf16_weights():
+    # with g^2 = a_i b_j (rank one), the factored second moment equals the full one, so one LeanAdamW step equals
+    # one AdamW step with beta1 = 0 (sign-like: -lr * g / |g|)
+    a, b = torch.rand(6) + 0.5, torch.rand(5) + 0.5
+    g = (a[:, None] * b[None]).sqrt() * torch.where(torch.rand(6, 5) > 0.5, 1.0, -1.0)
+    p1, p2 = torch.nn.Parameter(torch.zeros(6, 5)), torch.nn.Parameter(torch.zeros(6, 5))
+    p1.grad, p2.grad = g.clone(), g.clone()
+    M.LeanAdamW([p1], lr=0.1, betas=(0.0, 0.999)).step()
+    torch.optim.AdamW([p2], lr=0.1, betas=(0.0, 0.999), weight_decay=0.0).step()
+    assert torch.allclose(p1, p2, atol=1e-5)
+    # bf16 weights: 2000 steps of lr 1e-4 on weights of 1.0 move them by ~0.2 (each step alone is far below the
+    # bf16 spacing of 0.0078); torch AdamW's round-to-nearest leaves them at exactly 1.0
+    w_lean = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
+    w_adam = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
+    opt_lean = M.LeanAdamW([w_lean], lr=1e-4, betas=(0.0, 0.999))
+    opt_adam = torch.optim.AdamW([w_adam], lr=1e-4, betas=(0.0, 0.999), weight_decay=0.0)
+    for _ in range(2000):
+        w_lean.grad = torch.ones_like(w_lean)
+        w_adam.grad = torch.ones_like(w_adam)
+        opt_lean.step(), opt_adam.step()
+    assert torch.equal(w_adam, torch.ones_like(w_adam))
+    assert abs(w_lean.float().mean().item() - 0.8) < 0.01
+    # the state is O(rows + columns), no first moment at beta1 = 0
+    st = opt_lean.state[w_lean]
+    assert st["row"].numel() + st["col"].numel() == 128 and "m" not in st
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Every stage on a latent folder, with a tiny Wan-shaped model
+
+
+@pytest.fixture(scope="module")
+def wan_tiny(tmp_path_factory):
+    from safetensors.torch import save_file
+    root = tmp_path_factory.mktemp("wan")
+    torch.manual_seed(0)
+    base = M.DiT(M.PRESETS["wan-tiny"])
+    torch.nn.init.normal_(base.head.head.weight, std=0.02)  # a "pretrained" base: not the zero-init head
+    (root / "wan").mkdir()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()},
+              str(root / "wan" / "diffusion_pytorch_model.safetensors"))
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):  # 3 latent frames of 4 x 8 latents, prompts of 7..10 umT5 tokens
+        M.write_latent_clip(str(root / "latents" / f"clip_{i}.safetensors"), torch.randn(3, 16, 4, 8, generator=g),
+                            torch.randn(7 + i, 4096, generator=g), prompt=f"clip {i}")
+    return root
+
+
+def wan_args(root, *extra):
+    return ["--data", str(root / "latents"), "--model", "wan-tiny", "--init-weights", str(root / "wan"),
+            "--out-dir", str(root / "ckpt"), "--device", "cpu", *extra]
+
+
+def test_every_stage_runs_on_a_latent_folder(wan_tiny, capsys):
+    import ar_teacher
+    import causal_cd
+    import dmd
+    import ode_init
+    import sample_stream
+    root = wan_tiny
+    parse = M.parse_config
+    ar_teacher.train(parse(ar_teacher.Config, ["--phase", "ar", "--ar-steps", "2", "--batch-size", "2",
+                                               *wan_args(root)]))
+    teacher = torch.load(root / "ckpt" / "ar_teacher.pt", weights_only=False)
+    assert teacher["step"] == 2 and teacher["model_config"]["in_dim"] == 16 and teacher["model_config"]["shift"] == 5.0
+    # stage 2b with the memory options: bf16 weights, the lean optimizer, gradient checkpointing
+    causal_cd.train(parse(causal_cd.Config, ["--steps", "2", "--batch-size", "2", "--param-dtype", "bfloat16",
+                                             "--optimizer", "lean", "--grad-checkpointing", *wan_args(root)]))
+    cd = torch.load(root / "ckpt" / "causal_cd.pt", weights_only=False)
+    assert cd["step"] == 2 and next(iter(cd["model"].values())).dtype == torch.bfloat16
+    ode_init.train(parse(ode_init.Config, ["--teacher", "ar", "--num-pairs", "2", "--steps", "2", "--batch-size", "2",
+                                           *wan_args(root)]))
+    ode_init.train(parse(ode_init.Config, ["--teacher", "bidirectional", "--num-pairs", "2", "--steps", "2",
+                                           "--batch-size", "2", *wan_args(root)]))
+    pairs = torch.load(root / "ckpt" / "ode_pairs_bidirectional.pt", weights_only=False)
+    assert pairs["states"].shape == (2, 5, 3, 16, 4, 8) and pairs["text"].shape == (2, 512, 4096)
+    # stage 3: the real score and the critic are the Wan weights; bf16 + lean + checkpointing again
+    _, minutes = dmd.train(parse(dmd.Config, ["--init", "causal_cd", "--num-steps", "2", "--gen-updates", "2",
+                                              "--critic-ratio", "2", "--batch-size", "1", "--ema-start", "1",
+                                              "--param-dtype", "bfloat16", "--optimizer", "lean",
+                                              "--grad-checkpointing", *wan_args(root)]))
+    ck = torch.load(root / "ckpt" / "dmd_causal_cd_2step.pt", weights_only=False)
+    assert ck["iteration"] == 4 and [e["update"] for e in ck["log"]] == [0, 1, 2] and minutes > 0
+    # streaming the result: latents written; decoding needs the optional extra (or says what to install)
+    out = root / "stream.mp4"
+    latents = sample_stream.main(["--ckpt", str(root / "ckpt" / "dmd_causal_cd_2step.pt"), "--text",
+                                  str(root / "latents" / "clip_0.safetensors"), "--frames", "3", "--latent-hw", "4x8",
+                                  "--out", str(out), "--device", "cpu"])
+    assert latents.shape == (3, 16, 4, 8) and (root / "stream.safetensors").exists()
+    printed = capsys.readouterr().out
+    assert out.exists() or "pip install -r requirements-wan.txt" in printed
+    # the speed benchmark's code path (its numbers only mean something on a GPU)
+    rows = sample_stream.main(["--bench", "--model", "wan-tiny", "--latent-frames", "3", "--latent-hw", "4x8",
+                               "--device", "cpu"])
+    assert [r["mode"] for r in rows][-1] == "chunk-wise 4-step" and all(r["latent_fps"] > 0 for r in rows)
+
+
+def test_wan_scale_errors_say_what_to_do(wan_tiny, capsys):
+    import ar_teacher
+    import dmd
+    root = wan_tiny
+    with pytest.raises(ValueError, match="stage 0 is skipped at Wan scale"):
+        ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", "base", *wan_args(root)]))
+    with pytest.raises(ValueError, match="at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights"):
+        ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", "ar", "--data", str(root / "latents")]))
+    with pytest.raises(ValueError, match="needs a Wan-shaped model"):
+        M.open_data(str(root / "latents"), M.PRESETS["toy"])
+    with pytest.raises(ValueError, match="needs the toy model"):
+        M.open_data("toy", M.PRESETS["wan-tiny"])
+    with pytest.raises(ValueError, match="pass --model wan2.1-1.3b --init-weights"):
+        ar_teacher.load_base(ar_teacher.Config(data=str(root / "latents")))
+    with pytest.raises(ValueError, match="unknown --model"):
+        dmd.train(M.parse_config(dmd.Config, ["--dry-run", "--model", "wan3"]))
+
+
+def test_dry_run_prints_the_plan_without_loading_anything(wan_tiny, capsys):
+    import dmd
+    parts = dmd.train(M.parse_config(dmd.Config, ["--dry-run", "--model", "wan2.1-1.3b", "--param-dtype", "bfloat16",
+                                                  "--optimizer", "lean", "--grad-checkpointing", "--data",
+                                                  str(wan_tiny / "latents")]))
+    out = capsys.readouterr().out
+    assert "dmd: estimated peak" in out and "clips of 3 x 4 x 8" in out
+    assert parts["weights"] == 4 * 1_418_996_800 * 2  # generator, its EMA, critic, real score in bf16
+    assert parts["optimizer"] < 0.01 * parts["weights"]  # factored second moments only
