@@ -42,6 +42,8 @@ toy learning rates and batch; one Python process, no FSDP. The CFG weight is wri
 
 Commands:
     python dmd.py --init causal_cd --num-steps 2      # one DMD run (stage-2 checkpoint must exist)
+    python dmd.py --init causal_cd --num-steps 2 --model wan2.1-1.3b --init-weights WAN_DIR --data LATENT_DIR ...
+                                                      # Wan scale: Wan2.1 is the real score (README)
     python dmd.py --table                             # the toy Table 2: 4 inits x {1, 2, 4} steps, before and
                                                       # after DMD, with frames/s and first-frame latency
 """

@@ -31,6 +31,7 @@ Commands (toy, CPU; times in the README):
     python ode_init.py --teacher ar               # pairs + causal-ODE student
     python ode_init.py --teacher bidirectional    # pairs + bidirectional-ODE student
     python ode_init.py --plot                     # both students if missing, then injectivity.png
+    python ode_init.py --teacher ar --data LATENT_DIR --num-pairs 8 ...   # Wan scale (README)
 """
 import copy
 import os
