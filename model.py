@@ -982,10 +982,11 @@ def kv_cache_bytes(cfg, batch, frames, tokens_per_frame, act_bytes):
 def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype="float32", optimizer="adamw",
                 grad_checkpointing=False, ema=True, act_dtype=None, momentum=False):
     """Estimated peak memory of one training step of a stage, in bytes, by part. Nothing is allocated.
-    stage: 'ar' (teacher forcing, stage 1), 'cd' (stage 2b: + frozen teacher + EMA target), 'ode' (stage 2a
-    student), 'dmd' (stage 3: generator + critic trainable, frozen real score), 'stream' (inference).
+    stage: 'base' (stage 0, bidirectional), 'ar' (teacher forcing, stage 1) and 'ode' (stage 2a student), 'cd'
+    (stage 2b: + frozen teacher + EMA target), 'dmd' (stage 3: generator + critic trainable, frozen real score),
+    'stream' (inference).
     act_dtype: the compute dtype of activations (bfloat16 under CUDA autocast, float32 on CPU)."""
-    pb = DTYPES[param_dtype].itemsize if param_dtype in DTYPES else 4
+    pb = DTYPES[param_dtype].itemsize
     ab = (DTYPES[act_dtype] if act_dtype else torch.float32).itemsize
     n_params = sum(math.prod(s) for s in _param_shapes(cfg))
     w = n_params * pb
@@ -996,9 +997,9 @@ def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype
     bi_act = activation_bytes(cfg, batch, N, N, cfg.text_len, ab, grad_checkpointing)
     io = 8 * batch * frames * cfg.in_dim * H * W * 4  # clips, noise, targets, predictions (float32)
     parts = {}
-    if stage == "ar":
-        parts = dict(weights=w * (2 if ema else 1), grads=w, optimizer=opt, activations=tf_act)
-    elif stage == "ode":
+    if stage == "base":  # model + EMA, whole clips bidirectionally
+        parts = dict(weights=w * (2 if ema else 1), grads=w, optimizer=opt, activations=bi_act)
+    elif stage in ("ar", "ode"):  # model + EMA, teacher forcing over [clean | noisy]
         parts = dict(weights=w * (2 if ema else 1), grads=w, optimizer=opt, activations=tf_act)
     elif stage == "cd":  # student (trainable) + EMA target + frozen teacher
         parts = dict(weights=3 * w, grads=w, optimizer=opt, activations=tf_act)

@@ -28,7 +28,7 @@ import time
 import torch
 
 import toy_data
-from model import (KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
+from model import (KVCache, add_noise, autocast, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
                    timestep_grid, warped_steps, x0_from_v)
 
 
@@ -339,7 +339,6 @@ def bench_wan(args):
         if p.abs().sum() == 0:
             p.normal_(0, 0.02)
     ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     tpf = model.tokens_per_frame(h, w)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights), {name}, "
@@ -350,7 +349,7 @@ def bench_wan(args):
     rows = [("frame-wise 1-step (block 0 4-step)", 1, 1, True), ("frame-wise 2-step (block 0 4-step)", 2, 1, True),
             ("frame-wise 4-step", 4, 1, False), ("chunk-wise 4-step", 4, 3, False)]
     results = []
-    with torch.no_grad(), amp:
+    with torch.no_grad(), autocast(device, model):  # bf16 on a GPU
         for label, n, fpb, first4 in rows:
             frames = n_lat - n_lat % fpb
             steps = warped_steps(n, cfg.shift)
@@ -415,8 +414,7 @@ def main_wan(args, model, ckpt, device):
     h, w = parse_hw(args.latent_hw)
     steps = warped_steps(n_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4) else None
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    with amp:
+    with autocast(device, model):  # bf16 on a GPU
         clip, times = timed_stream(model, frames, steps, fpb, first, args.window or None, args.sink, ctx.to(device),
                                    seed=args.seed, frame_hw=(h, w))
     latents = clip[0].float().cpu()  # (F, 16, h, w)

@@ -248,3 +248,8 @@ def test_dry_run_prints_the_plan_without_loading_anything(wan_tiny, capsys):
     assert "dmd: estimated peak" in out and "clips of 3 x 4 x 8" in out
     assert parts["weights"] == 4 * 1_418_996_800 * 2  # generator, its EMA, critic, real score in bf16
     assert parts["optimizer"] < 0.01 * parts["weights"]  # factored second moments only
+    import ar_teacher  # every stage's dry run has a plan, the toy's stage 0 included
+    for phase in ("base", "ar"):
+        parts = ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", phase, "--dry-run"]))
+        assert parts["total"] > parts["weights"] > 0
+    assert "base: estimated peak" in capsys.readouterr().out
