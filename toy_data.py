@@ -44,7 +44,7 @@ Real clips' fd is sampling noise (0.37 for the 64 clips of `python toy_data.py`;
 compare a model's fd against `real_metrics(n)` at the same n. Prompts are used only by prompt_acc.
 
 Run `python toy_data.py` to print the metrics of real clips beside corrupted ones (blurred, static, shuffled,
-wrong prompt), time the sampler and the evaluator, and write out/toy_real.gif and out/toy_first_frame.png (an I2V
+wrong prompt, lumpy edges), time the sampler and the evaluator, and write out/toy_real.gif and out/toy_first_frame.png (an I2V
 input for sample_stream.py).
 """
 import math
@@ -400,6 +400,14 @@ def metric_line(metrics):
     return " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
 
 
+def accuracy_interval(acc, n, z=1.96):
+    """95% Wilson score interval (lo, hi) of an accuracy measured on n clips. The binomial s.e. sqrt(p(1-p)/n) is
+    0 at p = 1 and says nothing there; Wilson's stays honest: 72 clips all right -> (0.949, 1.0)."""
+    centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def real_metrics(n=64, seed=0, frames=FRAMES):
     """evaluate() of n fresh real clips: the numbers to print beside a model's (same n, same frames)."""
     clips, prompts = sample_clips(n, seed=seed, frames=frames)
@@ -449,6 +457,29 @@ def save_video(path, clips, ncols=None, fps=8, scale=8):
         raise ValueError(f"save_video writes .gif or .mp4, got {path}")
 
 
+def roughen(clips, k, seed=0):
+    """Real clips with k pixels flipped per frame on the shape's 1-px boundary ring (inside edge or outside
+    edge): the shape is lumpy, but its colour and its motion are exact. `python toy_data.py` scores it, which
+    says how much of a model's physics residual and fd lumpy edges alone explain."""
+    x = torch.as_tensor(clips).detach().float().clone()
+    B, F, C, H, W = x.shape
+    fg = (x.max(2).values > 0).float().view(B * F, 1, H, W)  # the shape's pixels (every colour has a +1 channel)
+    dilated = torch.nn.functional.max_pool2d(fg, 3, 1, 1)
+    eroded = -torch.nn.functional.max_pool2d(-fg, 3, 1, 1)
+    ring = (dilated - eroded).view(B * F, H * W)  # 1 on both sides of the edge
+    g = torch.Generator().manual_seed(seed)
+    pick = (torch.rand(B * F, H * W, generator=g) * ring).topk(k, dim=1).indices  # k random ring pixels per frame
+    colour = (x.view(B * F, C, H * W) * fg.view(B * F, 1, H * W)).sum(-1) / fg.view(B * F, -1).sum(-1, keepdim=True)
+    flat = x.view(B * F, C, H * W)  # a view: writes go into x
+    for j in range(k):
+        idx = pick[:, j]  # (B*F,)
+        rows = torch.arange(B * F)
+        inside = fg.view(B * F, H * W)[rows, idx] > 0
+        new = torch.where(inside[:, None], torch.tensor(BACKGROUND), colour)  # flip: shape <-> background
+        flat[rows, :, idx] = new
+    return x
+
+
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
@@ -469,6 +500,8 @@ if __name__ == "__main__":
         "static (frame 0 repeated)": (clips[:, :1].expand_as(clips), prompts),
         "shuffled frames": (clips[:, torch.randperm(FRAMES, generator=torch.Generator().manual_seed(0))], prompts),
         "wrong prompt": (clips, [PROMPTS[(PROMPTS.index(p) + 4) % len(PROMPTS)] for p in prompts]),
+        "lumpy (2 edge pixels flipped/frame)": (roughen(clips, 2), prompts),
+        "lumpy (4 edge pixels flipped/frame)": (roughen(clips, 4), prompts),
     }
     keys = list(real)
     print(f"{'64 clips':40s}" + "".join(f"{k:>14s}" for k in keys))

@@ -81,6 +81,22 @@ def test_smoke_base_then_ar_then_diffusion_forcing(tmp_path, monkeypatch):
         assert ck["stage"] == "ar_teacher" and teacher.cfg.dim == 32
 
 
+def test_reevaluating_a_finished_run_with_more_clips_leaves_its_record(tmp_path, monkeypatch, capsys):
+    shrink_toy_preset(monkeypatch)
+    cfg = tiny_run(tmp_path, phase="base")
+    ar_teacher.train(cfg)
+    before = M.load_checkpoint(str(tmp_path / "base.pt"))
+    capsys.readouterr()
+    metrics = ar_teacher.train(dataclasses.replace(cfg, resume=True, eval_clips=18))
+    out = capsys.readouterr().out
+    acc = metrics["prompt_acc"]
+    lo, hi = toy_data.accuracy_interval(acc, 18)
+    assert f"prompt accuracy {acc:.3f} over 18 clips, 95% interval {lo:.3f}-{hi:.3f}" in out
+    after = M.load_checkpoint(str(tmp_path / "base.pt"))
+    assert after["step"] == before["step"] == 3 and after["metrics"] == before["metrics"]
+    assert after["config"]["eval_clips"] == 9 and after["minutes"] == before["minutes"]
+
+
 def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkeypatch):
     shrink_toy_preset(monkeypatch)
     cfg = tiny_run(tmp_path / "a", phase="base", base_steps=4, ckpt_every=2)

@@ -191,6 +191,28 @@ def test_frechet_distance_closed_forms():
 # -----------------------------------------------------------------------------
 # videos
 
+def test_accuracy_interval_is_wilsons():
+    # textbook cases: 5 of 10 -> 0.237-0.763; none wrong still leaves room below 1; it always contains p
+    lo, hi = td.accuracy_interval(0.5, 10)
+    assert abs(lo - 0.2366) < 1e-4 and abs(hi - 0.7634) < 1e-4
+    lo, hi = td.accuracy_interval(1.0, 72)
+    assert abs(lo - (72 / (72 + 1.96 ** 2))) < 1e-12 and hi == 1.0
+    for p, n in [(0.0, 9), (0.9, 72), (0.97, 288)]:
+        lo, hi = td.accuracy_interval(p, n)
+        assert 0.0 <= lo <= p <= hi <= 1.0
+
+
+def test_roughen_flips_exactly_k_edge_pixels_and_stays_on_the_palette(real):
+    clips, prompts, _ = real
+    for k in (1, 4):
+        rough = td.roughen(clips, k)
+        changed = (rough != clips).any(2)  # (B, F, H, W)
+        assert (changed.sum((-1, -2)) == k).all()
+        m = td.evaluate(rough, prompts)
+        assert m["blur"] == 0.0 and m["second_moment"] == 1.0  # every pixel still a palette colour
+    assert td.evaluate(td.roughen(clips, 4), prompts)["physics"] > td.evaluate(clips, prompts)["physics"]
+
+
 def test_to_uint8_grid():
     clips, _ = td.sample_clips(5, seed=0)
     grid = td.to_uint8_grid(clips, ncols=3, scale=2)
