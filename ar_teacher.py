@@ -257,6 +257,12 @@ def train(cfg):
                         optimizer=opt.state_dict(), step=step, history=history,
                         data_gen=data_gen.get_state(), noise_gen=noise_gen.get_state())
 
+    def write_gif(clips):  # the first 18 clips (2 per prompt) of the EMA model at this step
+        gif = os.path.join(cfg.out_dir, "samples", f"{os.path.basename(path)[:-3]}_step{step}.gif")
+        os.makedirs(os.path.dirname(gif), exist_ok=True)
+        toy_data.save_video(gif, clips[:18], ncols=9)
+        return gif
+
     steps = cfg.base_steps if cfg.phase == "base" else cfg.ar_steps
     t_start, step_at_start = time.time(), step
     pbar = tqdm(total=steps, initial=step, desc=cfg.phase, dynamic_ncols=True)
@@ -294,10 +300,7 @@ def train(cfg):
 
         if data.is_toy and step % cfg.eval_every == 0 and step < steps:  # progress: a GIF of the EMA model
             clips, eval_p = generate(ema, cfg, 18, seed=1234, text=data.text)  # 18 clips: rough metrics, cheap
-            gif = os.path.join(cfg.out_dir, "samples", f"{os.path.basename(path)[:-3]}_step{step}.gif")
-            os.makedirs(os.path.dirname(gif), exist_ok=True)
-            toy_data.save_video(gif, clips, ncols=9)
-            tqdm.write(f"step {step} (18 clips): {metric_line(toy_data.evaluate(clips, eval_p))}  -> {gif}")
+            tqdm.write(f"step {step} (18 clips): {metric_line(toy_data.evaluate(clips, eval_p))}  -> {write_gif(clips)}")
         if step % cfg.ckpt_every == 0 or step == steps:
             save()
     pbar.close()
@@ -316,9 +319,7 @@ def train(cfg):
     ckpt = load_checkpoint(path)
     minutes = (time.time() - t_start) / 60 if trained else ckpt.get("minutes", 0.0)
     if trained:
-        gif = os.path.join(cfg.out_dir, "samples", f"{os.path.basename(path)[:-3]}_step{step}.gif")
-        os.makedirs(os.path.dirname(gif), exist_ok=True)
-        toy_data.save_video(gif, clips[:18], ncols=9)
+        write_gif(clips)
     real = toy_data.real_metrics(cfg.eval_clips, seed=0)
     acc, n = metrics["prompt_acc"], cfg.eval_clips
     print(f"{name} | {cfg.eval_steps}-step CFG {cfg.guidance} | {metric_line(metrics)} | {minutes:.1f} min")
