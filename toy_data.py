@@ -44,8 +44,8 @@ Real clips' fd is sampling noise (0.37 for the 64 clips of `python toy_data.py`;
 compare a model's fd against `real_metrics(n)` at the same n. Prompts are used only by prompt_acc.
 
 Run `python toy_data.py` to print the metrics of real clips beside corrupted ones (blurred, static, shuffled,
-wrong prompt, lumpy edges), time the sampler and the evaluator, and write out/toy_real.gif and out/toy_first_frame.png (an I2V
-input for sample_stream.py).
+wrong prompt, lumpy edges), time the sampler and the evaluator, and write out/toy_real.gif and
+out/toy_first_frame.png (an I2V input for sample_stream.py).
 """
 import math
 import time
@@ -470,13 +470,10 @@ def roughen(clips, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     pick = (torch.rand(B * F, H * W, generator=g) * ring).topk(k, dim=1).indices  # k random ring pixels per frame
     colour = (x.view(B * F, C, H * W) * fg.view(B * F, 1, H * W)).sum(-1) / fg.view(B * F, -1).sum(-1, keepdim=True)
-    flat = x.view(B * F, C, H * W)  # a view: writes go into x
-    for j in range(k):
-        idx = pick[:, j]  # (B*F,)
-        rows = torch.arange(B * F)
-        inside = fg.view(B * F, H * W)[rows, idx] > 0
-        new = torch.where(inside[:, None], torch.tensor(BACKGROUND), colour)  # flip: shape <-> background
-        flat[rows, :, idx] = new
+    rows = torch.arange(B * F)[:, None]
+    inside = fg.view(B * F, H * W)[rows, pick] > 0  # (B*F, k)
+    new = torch.where(inside[..., None], torch.tensor(BACKGROUND), colour[:, None])  # flip: shape <-> background
+    x.view(B * F, C, H * W).transpose(1, 2)[rows, pick] = new  # (B*F, H*W, C) view: writes go into x
     return x
 
 
