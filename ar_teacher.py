@@ -42,7 +42,8 @@ import toy_data
 from toy_data import metric_line
 from model import (ema_update, DiT, PRESETS, ModelConfig, ScaleOptions, add_noise, autocast, count_parameters,
                    dry_run, load_checkpoint, loss_weight, make_optimizer, model_from_checkpoint, open_data,
-                   parse_config, pick_device, prepare, save_checkpoint, timestep_grid, wan_base)
+                   limit_memory, parse_config, pick_device, prepare, report_memory, save_checkpoint, timestep_grid,
+                   wan_base)
 from sample_stream import sample_ar, sample_bidirectional
 
 
@@ -202,6 +203,7 @@ def train(cfg):
     if cfg.dry_run:  # the plan of one training step, before anything is loaded
         return dry_run("ar" if cfg.phase == "ar" else "base", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     device = pick_device(cfg.device)
+    limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     path = checkpoint_path(cfg)
 
@@ -304,6 +306,7 @@ def train(cfg):
         if step % cfg.ckpt_every == 0 or step == steps:
             save()
     pbar.close()
+    report_memory(device, "ar" if cfg.phase == "ar" else "base", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     name = os.path.basename(path)
     if not data.is_toy:  # Wan scale: no toy evaluator; sample the teacher with sample_stream.py
         minutes = (time.time() - t_start) / 60

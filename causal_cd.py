@@ -38,8 +38,8 @@ from tqdm import tqdm
 import ar_teacher
 import toy_data
 from model import (ScaleOptions, add_noise, autocast, dry_run, ema_update, euler_step, load_checkpoint, make_optimizer,
-                   model_from_checkpoint, open_data, parse_config, pick_device, prepare, save_checkpoint, timestep_grid,
-                   x0_from_v)
+                   limit_memory, model_from_checkpoint, open_data, parse_config, pick_device, prepare, report_memory,
+                   save_checkpoint, timestep_grid, x0_from_v)
 from sample_stream import cfg_velocity, toy_few_step_report
 
 
@@ -98,6 +98,7 @@ def train(cfg):
         return dry_run("cd", cfg, cfg.batch_size, cfg.frames_per_block)
     t_start = time.time()
     device = pick_device(cfg.device)
+    limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     if cfg.toy:
         ensure_teachers(cfg)
@@ -145,6 +146,7 @@ def train(cfg):
         if step % cfg.ckpt_every == 0:
             save()
     pbar.close()
+    report_memory(device, "cd", cfg, cfg.batch_size, cfg.frames_per_block)
     cd_minutes = (time.time() - t_cd) / 60
     if not data.is_toy:  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"causal_cd: {step} steps, loss {sum(history[-20:]) / max(1, len(history[-20:])):.5f}, {cd_minutes:.1f} min, "

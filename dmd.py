@@ -61,8 +61,8 @@ import causal_cd
 import ode_init
 import toy_data
 from model import (ScaleOptions, add_noise, autocast, dry_run, ema_update, load_checkpoint, make_optimizer,
-                   model_from_checkpoint, open_data, parse_config, pick_device, prepare, save_checkpoint, shift_sigma,
-                   warped_steps, x0_from_v)
+                   limit_memory, model_from_checkpoint, open_data, parse_config, pick_device, prepare, report_memory,
+                   save_checkpoint, shift_sigma, warped_steps, x0_from_v)
 from sample_stream import cfg_velocity, sample_stream, stream_speed, toy_few_step_samples
 
 INITS = ("bidirectional_ode", "ar_teacher", "causal_ode", "causal_cd")  # the table's row order (CF++ Table 2)
@@ -170,6 +170,7 @@ def train(cfg):
         return dry_run("dmd", cfg, cfg.batch_size, cfg.frames_per_block, ema=cfg.ema_start > 0)
     t_start = time.time()
     device = pick_device(cfg.device)
+    limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     if cfg.num_steps not in (1, 2, 4):
         raise ValueError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
@@ -293,6 +294,7 @@ def train(cfg):
             if update % cfg.ckpt_every == 0:
                 save()
     pbar.close()
+    report_memory(device, "dmd", cfg, cfg.batch_size, cfg.frames_per_block, ema=cfg.ema_start > 0)
     if "blur" not in log[-1]:  # (a resumed run that was already finished)
         log[-1].update(evaluate("after DMD    ")[0])
     save()

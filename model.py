@@ -408,7 +408,10 @@ class KVCache:
         per_token = lambda s: (s[:, None] * tokens_per_frame + torch.arange(tokens_per_frame)).flatten()
         self.tpf = tokens_per_frame
         self.write_tokens = per_token(slots)
-        self.past_tokens = per_token(torch.nonzero(visible & ~torch.isin(torch.arange(self.num_slots), slots))[:, 0])
+        past = torch.nonzero(visible & ~torch.isin(torch.arange(self.num_slots), slots))[:, 0]
+        # the past as a slice of the buffer (a view, no copy) when it is a prefix, as in a full cache from frame 0
+        self.past_tokens = slice(0, len(past) * tokens_per_frame) if torch.equal(past, torch.arange(len(past))) \
+            else per_token(past)
         n = int(visible.sum())
         # Streams that start at frame 0 always see a prefix of the buffer: slice it (no copy)
         self.visible_tokens = slice(0, n * tokens_per_frame) if bool(visible[:n].all()) else \
@@ -426,15 +429,42 @@ class KVCache:
         self.v[layer][:, :, idx] = v.detach().to(self.v.dtype)
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
             # Keep the block's own K/V in the autograd graph; the cached past enters as constants.
-            past = self.past_tokens.to(k.device)
-            return torch.cat([self.k[layer][:, :, past], k], dim=2), torch.cat([self.v[layer][:, :, past], v], dim=2)
+            past_k, past_v = self.past(layer)
+            return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         vis = self.visible_tokens
         vis = vis if isinstance(vis, slice) else vis.to(k.device)
         return self.k[layer][:, :, vis], self.v[layer][:, :, vis]
 
+    def past(self, layer):
+        """The K/V of the frames this block sees, itself excluded, in `layer`: (B, h, N_past, d) each."""
+        idx = self.past_tokens if isinstance(self.past_tokens, slice) else self.past_tokens.to(self.k.device)
+        return self.k[layer][:, :, idx], self.v[layer][:, :, idx]
+
     def visible_frames(self):
         """Absolute indices of the frames currently held (for tests and for reading)."""
         return sorted(f for f in self.slot_frame.tolist() if f >= 0)
+
+
+class FrozenCacheLayer:
+    """A KVCache seen by one layer of one gradient-checkpointed forward (DMD's exit step with
+    --grad-checkpointing). Backward recomputes the layer after the stream has moved on: the cache's write position
+    is then another block's, and this block's slots hold its clean t = 0 K/V. So the first call (the forward)
+    writes and keeps what it attended to; the recompute attends to exactly that and writes nothing. The past is
+    kept as a view of the buffer for a full cache (nothing copied: a later block never rewrites an earlier block's
+    slots) and as a copy for a rolling cache (whose ring reuses slots)."""
+
+    def __init__(self, cache):
+        self.cache, self.kept = cache, None
+
+    def update(self, layer, k, v):
+        if self.kept is None:  # the forward
+            out = self.cache.update(layer, k, v)
+            past_k, past_v = self.cache.past(layer)
+            full = self.cache.window is None  # a rolling cache reuses slots: keep a copy of what was seen
+            self.kept = (past_k, past_v) if full else (past_k.clone(), past_v.clone())
+            return out
+        past_k, past_v = self.kept  # the recompute in backward
+        return torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -454,7 +484,7 @@ class DiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
-        self.gradient_checkpointing = False  # recompute each block in backward (Wan scale); never with a cache
+        self.gradient_checkpointing = False  # recompute each block in backward (Wan scale)
         self.init_weights()
 
     def init_weights(self):
@@ -544,8 +574,9 @@ class DiT(nn.Module):
         use_cached_text = cache is not None and not torch.is_grad_enabled()
         ctx = None if use_cached_text else self.embed_text(context)
         for layer, block in enumerate(self.blocks):
-            if self.gradient_checkpointing and torch.is_grad_enabled() and cache is None:
-                tokens = checkpoint(block, tokens, e0, cos, sin, ctx, blocks, None, layer, use_reentrant=False)
+            if self.gradient_checkpointing and torch.is_grad_enabled():  # keep only each block's input
+                frozen = FrozenCacheLayer(cache) if cache is not None else None  # (a cached exit step: see there)
+                tokens = checkpoint(block, tokens, e0, cos, sin, ctx, blocks, frozen, layer, use_reentrant=False)
             else:
                 tokens = block(tokens, e0, cos, sin, ctx, blocks, cache, layer)
 
@@ -736,13 +767,15 @@ class ScaleOptions:
     At the defaults the scripts run the toy exactly as before."""
     data: str = "toy"  # "toy", or a latent folder of Wan VAE latents + umT5 features (model.LatentFolder)
     model: str = "toy"  # preset of the base model: "toy" (ar_teacher.py --phase base trains it) or a Wan preset
-    init_weights: str = ""  # Wan2.1 weights of the base: at Wan scale the base *is* Wan2.1 and stage 0 is skipped
+    init_weights: str = ""  # Wan2.1 weights of the base: at Wan scale the base *is* Wan2.1 and stage 0 is skipped;
+    # "random": random weights in the preset's shape (memory / speed measurement)
     param_dtype: str = "float32"  # "bfloat16" halves weights and gradients (pair it with --optimizer lean)
     optimizer: str = "adamw"  # "adamw" (torch) or "lean" (LeanAdamW: factored 2nd moment, stochastic rounding)
     grad_checkpointing: bool = False  # recompute each block in backward: activations ~ one block + block inputs
     dry_run: bool = False  # print this stage's planned peak memory (nothing is allocated) and exit; with
-    # --dry-run, --data may also be a latent clip size FxHxW, e.g. 21x60x104 (81 frames of 480x832)
-    memory_cap_gib: float = 24.0  # the GPU the plan is checked against
+    # --data may also be a latent clip size FxHxW, e.g. 21x60x104 (81 frames of 480x832): the plan for that size,
+    # or, in a run, synthetic random latents of that size (with --init-weights random: memory / speed measurement)
+    memory_cap_gib: float = 24.0  # GPU memory this process may use (0 = all) and the plan is checked against
 
 
 # Encoding prompts and videos, decoding latents: the optional extra (requirements-wan.txt). The stages never
@@ -788,7 +821,12 @@ class WanVAE:
     def __init__(self, repo=WAN_DIFFUSERS, device="cpu", dtype=torch.float32):
         diffusers = _optional("diffusers")
         self.device, self.dtype = torch.device(device), dtype
-        self.vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=dtype).to(device).eval()
+        if repo == "random":  # AutoencoderKLWan's default config is the Wan2.1 VAE's: timing decode without weights
+            print("--vae random: the Wan2.1 VAE architecture with RANDOM weights (decode timing only)")
+            self.vae = diffusers.AutoencoderKLWan().to(device, dtype).eval()
+        else:
+            self.vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
+            self.vae = self.vae.to(device).eval()
         c = self.vae.config
         self.mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self.std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
@@ -856,15 +894,64 @@ def open_data(spec, model_cfg):
     if model_cfg.in_dim == 3:
         raise ValueError(f"--data {spec}: a latent folder needs a Wan-shaped model (--model wan2.1-1.3b or wan-tiny "
                          f"with --init-weights); the toy model reads --data toy")
+    size = parse_clip_size(spec)
+    if size:
+        return SyntheticLatents(size, model_cfg)
     return LatentFolder(spec, in_dim=model_cfg.in_dim, text_dim=model_cfg.text_dim, text_len=model_cfg.text_len)
+
+
+def parse_clip_size(spec):
+    """"21x60x104" -> (21, 60, 104) (latent frames, height, width); anything else -> None."""
+    parts = spec.lower().split("x")
+    return tuple(int(v) for v in parts) if len(parts) == 3 and all(v.isdigit() for v in parts) else None
+
+
+class SyntheticLatents:
+    """--data FxHxW at Wan scale: random latents of that size and random umT5-shaped text (64 tokens, zero-padded
+    to text_len), with LatentFolder's interface. For measuring a stage's memory and speed (with
+    --init-weights random) without a dataset; there is nothing to learn in it."""
+
+    is_toy = False
+
+    def __init__(self, size, model_cfg, prompt_tokens=64):
+        self.shape, self.in_dim = size, model_cfg.in_dim
+        self.text_len, self.text_dim, self.prompt_tokens = model_cfg.text_len, model_cfg.text_dim, prompt_tokens
+        self.negative = torch.zeros(self.text_len, self.text_dim)
+        print(f"--data {'x'.join(map(str, size))}: SYNTHETIC random latents (memory / speed measurement only)")
+
+    @property
+    def channels(self):
+        return self.in_dim
+
+    def texts(self, n, generator=None):
+        txt = torch.zeros(n, self.text_len, self.text_dim)
+        txt[:, :self.prompt_tokens] = torch.randn(n, min(self.prompt_tokens, self.text_len), self.text_dim,
+                                                  generator=generator)
+        return txt, self.negative.expand(n, -1, -1).clone(), None
+
+    def batch(self, n, generator=None):
+        x0 = torch.randn(n, self.shape[0], self.in_dim, *self.shape[1:], generator=generator)
+        return (x0, *self.texts(n, generator))
 
 
 def wan_base(preset, init_weights, device="cpu"):
     """The pretrained bidirectional base at Wan scale (stage 0 is skipped there: the base *is* Wan2.1): a DiT of
-    the preset with the weights at `init_weights`, plus a checkpoint-like record for the stages that cite it."""
+    the preset with the weights at `init_weights`, plus a checkpoint-like record for the stages that cite it.
+    init_weights="random": random weights in the preset's shape, for measuring memory and speed without a download
+    (memory and speed do not depend on the values; the zero-initialised head is filled in so outputs are not 0)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown --model {preset!r}; presets: {sorted(PRESETS)}")
-    model = load_wan_weights(DiT(PRESETS[preset]), init_weights)
+    if init_weights == "random":
+        print(f"--init-weights random: {preset} with RANDOM weights (memory / speed measurement only, nothing to learn)")
+        torch.manual_seed(0)
+        with torch.device(device):  # built where it runs: initialising 1.4B weights on a CPU takes ~20 s
+            model = DiT(PRESETS[preset])
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0, 0.02)
+    else:
+        model = load_wan_weights(DiT(PRESETS[preset]), init_weights)
     record = dict(stage="base", model_config=dataclasses.asdict(model.cfg), step=0, init_weights=init_weights)
     return model.to(device).eval(), record
 
@@ -1005,9 +1092,13 @@ def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype
         parts = dict(weights=3 * w, grads=w, optimizer=opt, activations=tf_act)
     elif stage == "dmd":  # generator + critic trainable, real score frozen, optional generator EMA
         kv = kv_cache_bytes(cfg, batch, frames, tpf, ab)
-        # generator update: the exit-step forwards of all blocks keep ~one whole-clip forward of activations
+        # generator update: the exit-step forwards of all blocks keep ~one whole-clip forward of activations (with
+        # checkpointing: each block's layer inputs); the critic's whole-clip forward keeps the same, after it
         parts = dict(weights=w * (4 if ema else 3), grads=2 * w, optimizer=2 * opt, activations=bi_act,
                      kv_cache=kv)
+        if not grad_checkpointing:  # each exit step also keeps [past | own] K/V per layer, a copy: block b of
+            Lb, nb = frames_per_block * tpf, frames // frames_per_block  # Lb tokens sees (b + 1) Lb keys
+            parts["exit_step_kv"] = cfg.num_layers * batch * 2 * Lb * nb * (nb + 1) // 2 * cfg.dim * ab
     elif stage == "stream":
         parts = dict(weights=w, kv_cache=kv_cache_bytes(cfg, batch, frames, tpf, ab),
                      activations=batch * frames_per_block * tpf * (4 * cfg.dim + cfg.ffn_dim) * ab * 2)
@@ -1018,26 +1109,61 @@ def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype
     return parts
 
 
-def dry_run(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
-    """--dry-run: the plan for this stage at the data's clip size, printed before anything is loaded."""
+def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
+    """The plan of one training step of a stage script with these options, at the data's clip size:
+    (parts, a line describing what was planned). Activations are bf16 on a GPU (autocast) or with bf16 weights."""
     if opts.model not in PRESETS:
         raise ValueError(f"unknown --model {opts.model!r}; presets: {sorted(PRESETS)}")
     cfg = PRESETS[opts.model]
     if opts.data == "toy":
         import toy_data
         frames, H, W = toy_data.ToyData.shape
-    elif all(v.isdigit() for v in opts.data.split("x")) and opts.data.count("x") == 2:  # --data FxHxW: plan only
-        frames, H, W = (int(v) for v in opts.data.split("x"))
+    elif parse_clip_size(opts.data):  # --data FxHxW
+        frames, H, W = parse_clip_size(opts.data)
     else:
         frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len).shape
     act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"
     parts = plan_memory(stage, cfg, batch, frames, H, W, frames_per_block, opts.param_dtype, opts.optimizer,
                         opts.grad_checkpointing, ema=ema, act_dtype=act, momentum=momentum)
-    print(f"{opts.model}, batch {batch}, clips of {frames} x {H} x {W} ({frames * (H // cfg.patch[1]) * (W // cfg.patch[2])}"
-          f" tokens), weights {opts.param_dtype}, activations {act}, optimizer {opts.optimizer}, "
-          f"gradient checkpointing {'on' if opts.grad_checkpointing else 'off'}")
+    what = (f"{opts.model}, batch {batch}, clips of {frames} x {H} x {W} "
+            f"({frames * (H // cfg.patch[1]) * (W // cfg.patch[2])} tokens), weights {opts.param_dtype}, activations "
+            f"{act}, optimizer {opts.optimizer}, gradient checkpointing {'on' if opts.grad_checkpointing else 'off'}")
+    return parts, what
+
+
+def dry_run(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
+    """--dry-run: the plan for this stage at the data's clip size, printed before anything is loaded."""
+    parts, what = plan_for(stage, opts, batch, frames_per_block, ema, momentum)
+    print(what)
     print(format_plan(stage, parts, opts.memory_cap_gib))
     return parts
+
+
+def limit_memory(device, cap_gib):
+    """On a GPU, hold this process to cap_gib of device memory (torch.cuda.set_per_process_memory_fraction), so a
+    bigger card behaves like the 24 GB one this project targets: what would not fit there fails here too, with
+    PyTorch's out-of-memory error. cap_gib <= 0: no cap. Nothing happens on a CPU."""
+    if device.type != "cuda" or cap_gib <= 0:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2 ** 30 / total), index)
+    torch.cuda.reset_peak_memory_stats(index)
+    print(f"GPU memory capped at {min(cap_gib, total / 2 ** 30):.1f} of {total / 2 ** 30:.1f} GiB "
+          f"(--memory-cap-gib; 0 = no cap)")
+
+
+def report_memory(device, stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
+    """After a run on a GPU: the measured peak (torch.cuda.max_memory_allocated, since limit_memory) beside the
+    planner's estimate for the same options, so the plan can be checked at scale. Returns the peak in bytes."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    reserved = torch.cuda.max_memory_reserved(device)
+    parts, what = plan_for(stage, opts, batch, frames_per_block, ema, momentum)
+    print(f"{stage}: peak GPU memory {peak / 2 ** 30:.2f} GiB allocated ({reserved / 2 ** 30:.2f} GiB reserved); "
+          f"planned {parts['total'] / 2 ** 30:.2f} GiB (plan / measured {parts['total'] / peak:.2f}); {what}")
+    return peak
 
 
 def _param_shapes(cfg):

@@ -43,8 +43,9 @@ from tqdm import tqdm
 
 import toy_data
 from ar_teacher import load_base, load_teacher
-from model import (ScaleOptions, autocast, dry_run, ema_update, load_checkpoint, make_optimizer, model_from_checkpoint,
-                   open_data, parse_config, pick_device, prepare, save_checkpoint, warped_steps, x0_from_v)
+from model import (ScaleOptions, autocast, dry_run, ema_update, limit_memory, load_checkpoint, make_optimizer,
+                   model_from_checkpoint, open_data, parse_config, pick_device, prepare, report_memory, save_checkpoint,
+                   warped_steps, x0_from_v)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
 
@@ -190,6 +191,7 @@ def train(cfg):
     if cfg.dry_run:  # the plan of one student step (pair generation needs less: no grads), nothing loaded
         return dry_run("ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     device = pick_device(cfg.device)
+    limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     if cfg.teacher == "ar":
         teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device)
@@ -242,6 +244,7 @@ def train(cfg):
         if step % cfg.ckpt_every == 0:
             save()
     pbar.close()
+    report_memory(device, "ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     minutes = (time.time() - t_start) / 60
     if cfg.data != "toy":  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"{stage_name(cfg.teacher)}: {step} steps, {minutes:.1f} min including pairs "

@@ -354,7 +354,8 @@ def bench_wan(args):
             frames = n_lat - n_lat % fpb
             steps = warped_steps(n, cfg.shift)
             first = warped_steps(4, cfg.shift) if first4 else None
-            timed_stream(model, 2 * fpb, steps, fpb, first, ctx=ctx, frame_hw=(h, w))  # warm-up
+            # warm-up over the full length: every cache length is a new attention shape (cuDNN plans one per shape)
+            timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             _, times = timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
@@ -520,7 +521,8 @@ def build_parser():
                    "column (H100 / H200 SXM: 989)")
     w.add_argument("--text", default="", help="Wan-shaped checkpoints: a safetensors file holding the prompt's umT5 "
                    "features `text` (L, 4096), e.g. a latent-folder clip; without it --prompt is encoded with umT5")
-    w.add_argument("--vae", default="", help="Wan VAE (a diffusers folder or repo) to decode latents / time decoding")
+    w.add_argument("--vae", default="", help="Wan VAE (a diffusers folder or repo) to decode latents / time "
+                   "decoding; --bench: 'random' times the VAE architecture with random weights")
     p.add_argument("--device", default="auto")
     return p
 

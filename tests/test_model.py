@@ -225,6 +225,32 @@ def test_gradient_checkpointing_gives_same_gradients():
     assert (grads[0] - grads[1]).abs().max() < 1e-6
 
 
+
+@pytest.mark.parametrize("cache_kind", ["full", "rolling"])
+def test_gradient_checkpointing_through_the_kv_cache_gives_same_gradients(cache_kind):
+    # DMD's rollout: every block's exit step carries gradient, then its t = 0 refresh overwrites its slot and the
+    # stream moves on. Checkpointing recomputes each exit step in backward, when the cache is at the last block:
+    # the recompute must attend to the past the forward saw (FrozenCacheLayer), or gradients silently change.
+    m = random_model()
+    x0, x_t, ctx = toy_inputs(F=5)
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.gradient_checkpointing = ckpt
+        cache = M.KVCache(max_frames=5) if cache_kind == "full" else M.KVCache(window=2, sink=1)
+        outs = []
+        for f in range(5):
+            v = m(x_t[:, f:f + 1], torch.full((2, 1), 600.0), ctx, cache=cache, start_frame=f)  # with grad
+            outs.append(v)
+            with torch.no_grad():
+                m(x0[:, f:f + 1], torch.zeros(2, 1), ctx, cache=cache, start_frame=f)  # the refresh
+        torch.cat(outs, 1).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], atol=1e-6, rtol=1e-5), name
+    assert grads[0]["blocks.0.self_attn.k.weight"].abs().sum() > 0
+
+
 # --- Wan2.1 shape and weights -------------------------------------------------------------------------------
 
 def wan_expected_shapes(dim, ffn, layers, in_dim=16, out_dim=16, text_dim=4096, freq=256):

@@ -61,28 +61,33 @@ def ar_steps(cfg, x0, ctx, grad_checkpointing, g):
 
 
 def dmd_steps(cfg, x0, ctx, grad_checkpointing, g):
-    """Stage 3's shape: generator (+ EMA) and critic trainable, a frozen real score; a no-grad KV-cache rollout,
-    then a bidirectional step of each trainable model."""
+    """Stage 3 as dmd.py runs it (its rollout, DMD loss and critic loss): generator (+ EMA) and critic trainable, a
+    frozen real score; the generator's 2-step KV-cache rollout carries gradient through every block's exit step."""
+    import dmd
     gen = M.DiT(cfg)
     ema, real, critic = (copy.deepcopy(gen) for _ in range(3))
     ema.requires_grad_(False), real.requires_grad_(False)
     for m in (gen, critic):
         m.gradient_checkpointing = grad_checkpointing
     opt_g, opt_c = torch.optim.AdamW(gen.parameters(), lr=1e-4), torch.optim.AdamW(critic.parameters(), lr=1e-4)
-    B, nF = x0.shape[:2]
+    steps, first = dmd.step_lists(2, 1, cfg.shift)
+    B = x0.shape[0]
+    null = torch.zeros_like(ctx)
     for _ in range(2):
+        x = dmd.rollout(gen, torch.randn(x0.shape, generator=g), ctx, steps, first, 1, g)  # grad at exit steps
+        t = torch.full((B,), 500.0)
+        loss_g, _ = dmd.dmd_loss(x, real, critic, ctx, null, 4.0, t, torch.randn(x0.shape, generator=g))
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt_g.step()
+        M.ema_update(ema, gen, 0.99)
+        del x, loss_g
         with torch.no_grad():
-            cache = M.KVCache(max_frames=nF)
-            x = torch.randn(x0.shape, generator=g)
-            for f in range(nF):
-                gen(x[:, f:f + 1], torch.zeros(B, 1), ctx, cache=cache, start_frame=f)
-        t = torch.full((B, nF), 500.0)
-        for model, opt in ((critic, opt_c), (gen, opt_g)):
-            loss = (model(M.add_noise(x, x0, t), t, ctx) - (x0 - x)).pow(2).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        del cache
+            x = dmd.rollout(gen, torch.randn(x0.shape, generator=g), ctx, steps, first, 1, g)
+        loss_c = dmd.critic_loss(critic, x, ctx, t, torch.randn(x0.shape, generator=g))
+        opt_c.zero_grad(set_to_none=True)
+        loss_c.backward()
+        opt_c.step()
 
 
 @pytest.mark.parametrize("stage", ["ar", "dmd"])
@@ -253,3 +258,24 @@ def test_dry_run_prints_the_plan_without_loading_anything(wan_tiny, capsys):
         parts = ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", phase, "--dry-run"]))
         assert parts["total"] > parts["weights"] > 0
     assert "base: estimated peak" in capsys.readouterr().out
+
+
+def test_random_weights_and_synthetic_latents_run_a_stage_without_any_files(tmp_path, capsys):
+    # the GPU memory measurement's path: --init-weights random --data FxHxW, nothing downloaded or encoded
+    data = M.open_data("3x4x8", M.PRESETS["wan-tiny"])
+    x0, txt, null, prompts = data.batch(2, generator=torch.Generator().manual_seed(0))
+    assert x0.shape == (2, 3, 16, 4, 8) and txt.shape == (2, 512, 4096) and null.abs().sum() == 0 and prompts is None
+    assert txt[:, :64].abs().sum() > 0 and txt[:, 64:].abs().sum() == 0  # 64 prompt tokens, zero padding
+    with pytest.raises(ValueError, match="needs the toy model"):
+        M.open_data("toy", M.PRESETS["wan-tiny"])
+    base, record = M.wan_base("wan-tiny", "random")
+    assert base.head.head.weight.abs().sum() > 0 and record["init_weights"] == "random"
+    M.limit_memory(torch.device("cpu"), 24.0)  # a no-op without a GPU
+    assert M.report_memory(torch.device("cpu"), "ar", M.ScaleOptions(), 1) is None
+    import ar_teacher
+    ar_teacher.train(M.parse_config(ar_teacher.Config, [
+        "--phase", "ar", "--ar-steps", "1", "--batch-size", "1", "--model", "wan-tiny", "--init-weights", "random",
+        "--data", "3x4x8", "--out-dir", str(tmp_path), "--device", "cpu"]))
+    out = capsys.readouterr().out
+    assert "RANDOM weights" in out and "SYNTHETIC random latents" in out
+    assert torch.load(tmp_path / "ar_teacher.pt", weights_only=False)["step"] == 1
