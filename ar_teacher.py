@@ -218,7 +218,7 @@ def train(cfg):
     else:
         model, _ = load_base(cfg)
         mcfg = model.cfg
-    data = open_data(cfg.data, mcfg)
+    data = open_data(cfg.data, mcfg, cfg.clip_frames)
     n_frames = data.shape[0]
     if n_frames % cfg.frames_per_block:
         raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")

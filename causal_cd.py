@@ -103,7 +103,7 @@ def train(cfg):
     if cfg.toy:
         ensure_teachers(cfg)
     teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device)
-    data = open_data(cfg.data, teacher.cfg)
+    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames)
     teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
     student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)  # the target network

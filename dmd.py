@@ -175,7 +175,7 @@ def train(cfg):
     if cfg.num_steps not in (1, 2, 4):
         raise ValueError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
     generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device)
-    data = open_data(cfg.data, generator.cfg)
+    data = open_data(cfg.data, generator.cfg, cfg.clip_frames)
     n_frames, H, W = data.shape
     if n_frames % cfg.frames_per_block:
         raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")

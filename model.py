@@ -775,6 +775,8 @@ class ScaleOptions:
     dry_run: bool = False  # print this stage's planned peak memory (nothing is allocated) and exit; with
     # --data may also be a latent clip size FxHxW, e.g. 21x60x104 (81 frames of 480x832): the plan for that size,
     # or, in a run, synthetic random latents of that size (with --init-weights random: memory / speed measurement)
+    clip_frames: int = 0  # train on the first N latent frames of each clip of a latent folder (0 = all): 9 of the
+    # 21 of an 81-frame 480x832 clip fit stages 1-3 in 24 GiB (README, "Wan scale")
     memory_cap_gib: float = 24.0  # GPU memory this process may use (0 = all) and the plan is checked against
 
 
@@ -882,9 +884,12 @@ def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), dev
         write_latent_clip(dest, vae.encode(read_video(video_path, frames, size)), text([prompt])[0], prompt)
 
 
-def open_data(spec, model_cfg):
-    """A stage's training data: "toy" (toy_data.ToyData, the 16x16 world) or a latent folder for a Wan-shaped
-    model. Both answer batch(n, generator) -> (x0, text, null text, prompts) and texts(n, generator)."""
+def open_data(spec, model_cfg, clip_frames=0):
+    """A stage's training data: "toy" (toy_data.ToyData, the 16x16 world), a latent folder for a Wan-shaped model
+    (its clips cropped to their first `clip_frames` latent frames when > 0), or "FxHxW" (SyntheticLatents). All
+    answer batch(n, generator) -> (x0, text, null text, prompts) and texts(n, generator)."""
+    if clip_frames and (spec == "toy" or parse_clip_size(spec)):
+        raise ValueError(f"--clip-frames crops the clips of a latent folder; --data {spec} sets its frames itself")
     if spec == "toy":
         if model_cfg.in_dim != 3:
             raise ValueError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "
@@ -897,7 +902,8 @@ def open_data(spec, model_cfg):
     size = parse_clip_size(spec)
     if size:
         return SyntheticLatents(size, model_cfg)
-    return LatentFolder(spec, in_dim=model_cfg.in_dim, text_dim=model_cfg.text_dim, text_len=model_cfg.text_len)
+    return LatentFolder(spec, in_dim=model_cfg.in_dim, text_dim=model_cfg.text_dim, text_len=model_cfg.text_len,
+                        frames=clip_frames or None)
 
 
 def parse_clip_size(spec):
@@ -1121,7 +1127,7 @@ def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
     elif parse_clip_size(opts.data):  # --data FxHxW
         frames, H, W = parse_clip_size(opts.data)
     else:
-        frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len).shape
+        frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len, opts.clip_frames or None).shape
     act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"
     parts = plan_memory(stage, cfg, batch, frames, H, W, frames_per_block, opts.param_dtype, opts.optimizer,
                         opts.grad_checkpointing, ema=ema, act_dtype=act, momentum=momentum)

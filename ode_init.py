@@ -141,7 +141,7 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
         if "text" not in pairs:  # a toy pair file written before pairs stored their text features
             pairs["text"], pairs["null"] = toy_data.TextEncoder()(pairs["prompts"]), None
         return pairs
-    data = open_data(cfg.data, teacher.cfg)
+    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames)
     g = torch.Generator().manual_seed(cfg.seed + 100)
     x0_all, text_all, null_all, prompts = data.batch(cfg.num_pairs, generator=g)
     eps_all = torch.randn(x0_all.shape, generator=g)

@@ -279,3 +279,16 @@ def test_random_weights_and_synthetic_latents_run_a_stage_without_any_files(tmp_
     out = capsys.readouterr().out
     assert "RANDOM weights" in out and "SYNTHETIC random latents" in out
     assert torch.load(tmp_path / "ar_teacher.pt", weights_only=False)["step"] == 1
+
+
+def test_clip_frames_crops_a_latent_folder_for_training_and_planning(wan_tiny, capsys):
+    data = M.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=2)
+    assert data.shape == (2, 4, 8) and data.batch(1)[0].shape == (1, 2, 16, 4, 8)
+    with pytest.raises(ValueError, match="fewer than the 5 a clip needs"):
+        M.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=5)
+    with pytest.raises(ValueError, match="--clip-frames crops the clips of a latent folder"):
+        M.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=2)
+    import causal_cd
+    causal_cd.train(M.parse_config(causal_cd.Config, ["--dry-run", "--model", "wan2.1-1.3b", "--batch-size", "1",
+                                                      "--data", str(wan_tiny / "latents"), "--clip-frames", "2"]))
+    assert "clips of 2 x 4 x 8" in capsys.readouterr().out
