@@ -10,6 +10,8 @@ initialised from the base, learns to denoise block i given the *ground-truth* cl
 holds [clean | noisy] (model.py path 2); each block gets its own t from the shifted 1000-grid; the loss is the
 bell-weighted velocity MSE of the official code. This is the teacher whose PF-ODE is *frame-level injective*:
 frame i's ODE starts from frame i's noise and sees only clean frames < i, so one noise maps to one frame.
+Its closing evaluation also asks teacher forcing's own question: given a real clip's past, where does the next
+block put the shape (`next_frame_report`; the toy's motion is determined after two frames)?
 `--diffusion-forcing` trains the ablation instead: one noisy sequence, block-causal mask, independent t per block
 and no clean context, so training sees noisy prefixes while inference feeds clean ones (Causal Forcing
 Prop. 3.4: a strictly positive train/test mismatch; expected to sample worse).
@@ -193,6 +195,43 @@ def generate(model, cfg, n, seed, text):
     return clips.cpu(), prompts
 
 
+@torch.no_grad()
+def next_frame_report(model, cfg, n, text, seed=4321):
+    """Teacher forcing's own test: give the AR teacher the *real* past of a clip and ask for the next block.
+
+    From two real frames on, the toy's motion is determined (constant velocity, bounces), so a perfect teacher puts
+    the shape exactly where the clip has it; the error measures how well teacher forcing learned its one-step
+    task, free of the drift of the teacher's own rollouts (the evaluator's `physics` mixes both). Blocks that start
+    before frame 2 are skipped: their velocity is still a coin flip. Same sampler as `generate` (N-step Euler, CFG).
+    Returns a dict: `off`, the fraction of coordinates off by >= 0.5 px (an empty frame counts as off), `rms`, the
+    RMS error in px over frames that show a shape, `real_rms`, the same measurement on the real frames (the
+    measurement's own floor), and `frames`, the first and last frame scored."""
+    fpb = cfg.frames_per_block
+    first = fpb * math.ceil(2 / fpb)  # the first block with >= 2 real frames before it
+    if first >= toy_data.FRAMES:
+        raise ValueError(f"--frames-per-block {fpb}: no block of a {toy_data.FRAMES}-frame clip has 2 real frames "
+                         f"before it")
+    dev = next(model.parameters()).device
+    prompts = eval_prompts(n)
+    traj = toy_data.sample_trajectories(n, seed=seed, prompts=prompts)
+    real = toy_data.render(traj["shape"], traj["colour"], traj["pos"]).to(dev)  # (n, F, 3, H, W)
+    ctx, ctx_null = text(prompts).to(dev), text([""] * n).to(dev)
+    g = torch.Generator().manual_seed(seed)
+    err, valid = [], []
+    for start in range(first, toy_data.FRAMES, fpb):
+        noise = torch.randn(n, fpb, 3, toy_data.SIZE, toy_data.SIZE, generator=g).to(dev)
+        block = sample_ar(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance, fpb, prefix=real[:, :start])
+        pos, ok = toy_data.measure_positions(block.cpu(), traj["shape"])  # (n, fpb, 2), (n, fpb)
+        err.append((pos - traj["pos"][:, start:start + fpb]).abs())
+        valid.append(ok[..., None].expand_as(pos))
+    err, valid = torch.cat(err, 1), torch.cat(valid, 1)
+    real_pos, _ = toy_data.measure_positions(real[:, first:].cpu(), traj["shape"])
+    return dict(off=((err >= 0.5) | ~valid).float().mean().item(),
+                rms=err[valid].pow(2).mean().sqrt().item() if valid.any() else float("nan"),
+                real_rms=(real_pos - traj["pos"][:, first:]).pow(2).mean().sqrt().item(),
+                frames=(first, toy_data.FRAMES - 1))
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -231,9 +270,11 @@ def train(cfg):
 
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
-        differ = {k: (ckpt["config"].get(k), v) for k, v in asdict(cfg).items()
-                  if k not in ("resume", "ship", "eval_every", "ckpt_every", "eval_clips", "device", "dry_run")
-                  and ckpt["config"].get(k) != v}
+        saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
+        differ = {k: (saved[k], v) for k, v in asdict(cfg).items()
+                  if k not in ("resume", "ship", "eval_every", "ckpt_every", "eval_clips", "device", "dry_run",
+                               "out_dir")
+                  and saved[k] != v}
         if differ:
             raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         model.load_state_dict(ckpt["model"])
@@ -329,6 +370,11 @@ def train(cfg):
     print(f"{'real clips':>{len(name)}} | {metric_line(real)}")
     lo, hi = toy_data.accuracy_interval(acc, n)
     print(f"{'':>{len(name)}} | prompt accuracy {acc:.3f} over {n} clips, 95% interval {lo:.3f}-{hi:.3f} (Wilson)")
+    if cfg.phase == "ar":
+        nf = next_frame_report(ema, cfg, cfg.eval_clips, data.text)
+        print(f"{'':>{len(name)}} | next block given the real past (frames {nf['frames'][0]}-{nf['frames'][1]}): "
+              f"{nf['off']:.1%} of coordinates off by >= 0.5 px, RMS error {nf['rms']:.2f} px "
+              f"(real frames: {nf['real_rms']:.2f} px)")
     if n != ckpt["config"]["eval_clips"]:  # a re-evaluation with another clip count: print, keep the record
         return metrics
     save_checkpoint(path, **{**ckpt, "metrics": metrics, "minutes": minutes})

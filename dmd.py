@@ -195,9 +195,10 @@ def train(cfg):
 
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage="dmd", make_cmd=make_command(cfg))
-        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "dry_run")
-        differ = {k: (ckpt["config"].get(k), v) for k, v in asdict(cfg).items()
-                  if k not in keep and ckpt["config"].get(k) != v}
+        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "dry_run",
+                "out_dir")
+        saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
+        differ = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in keep and saved[k] != v}
         if differ:
             raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         generator.load_state_dict(ckpt["model"]), critic.load_state_dict(ckpt["critic"])

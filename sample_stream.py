@@ -65,21 +65,34 @@ def sample_bidirectional(model, noise, ctx, ctx_null=None, num_steps=48, guidanc
 
 @torch.no_grad()
 def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, frames_per_block=1,
-              return_trajectory=False):
+              return_trajectory=False, prefix=None):
     """The AR teacher's sampler (Causal Forcing stage 1): for each block, an N-step Euler PF-ODE with CFG whose
     queries attend to the cached clean past (path 3); then the finished block is run once more at t = 0 to
     overwrite its cache slot with clean K/V. Frame i depends only on the noise of frames <= i's block.
-    Returns x0 (B, F, C, H, W) [and the trajectory (num_steps+1, B, F, C, H, W), all blocks on the same grid]."""
+    prefix: optional clean frames (B, P, C, H, W), P a whole number of blocks, written to the cache first (the
+    same t = 0 write as a refresh), so the noise continues a given clip from frame P: video extension, and
+    teacher forcing's own test (ar_teacher.next_frame_report).
+    Returns the new frames x0 (B, F, C, H, W) [and the trajectory (num_steps+1, B, F, C, H, W), all blocks on the
+    same grid]."""
     B, nF = noise.shape[:2]
-    if nF % frames_per_block:
-        raise ValueError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
+    n_prefix = 0 if prefix is None else prefix.shape[1]
+    if nF % frames_per_block or n_prefix % frames_per_block:
+        raise ValueError(f"{nF} frames (+ a prefix of {n_prefix}) are not a whole number of {frames_per_block}-frame "
+                         f"blocks")
     grid = ode_grid(model, num_steps)
     use_cfg = ctx_null is not None and guidance != 1.0
-    cache = KVCache(max_frames=nF)
+    cache = KVCache(max_frames=n_prefix + nF)
     ctx_all = torch.cat([ctx, ctx_null]) if use_cfg else ctx  # one tensor, so its cross-attn K/V are cached once
+
+    def refresh(x, start):  # clean K/V of a finished (or given) block into its cache slot
+        x_ref = torch.cat([x, x]) if use_cfg else x
+        model(x_ref, torch.zeros(x_ref.shape[:2], device=x.device), ctx_all, cache=cache, start_frame=start)
+
+    for start in range(0, n_prefix, frames_per_block):
+        refresh(prefix[:, start:start + frames_per_block], start)
     blocks, trajs = [], []
-    for start in range(0, nF, frames_per_block):
-        x = noise[:, start:start + frames_per_block]
+    for start in range(n_prefix, n_prefix + nF, frames_per_block):
+        x = noise[:, start - n_prefix:start - n_prefix + frames_per_block]
         traj = [x]
         for t, t_next in zip(grid[:-1], grid[1:]):
             tt = torch.full(x.shape[:2], t, device=x.device)
@@ -91,9 +104,7 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
                 v = model(x, tt, ctx_all, cache=cache, start_frame=start)
             x = euler_step(x, v, t, t_next)
             traj.append(x)
-        # the t = 0 refresh: the block's clean K/V replace its noisy ones for every later block
-        x_ref = torch.cat([x, x]) if use_cfg else x
-        model(x_ref, torch.zeros(x_ref.shape[:2], device=x.device), ctx_all, cache=cache, start_frame=start)
+        refresh(x, start)  # the t = 0 refresh: the block's clean K/V replace its noisy ones for every later block
         blocks.append(x)
         trajs.append(torch.stack(traj))
     x0 = torch.cat(blocks, dim=1)

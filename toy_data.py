@@ -310,7 +310,19 @@ def _analyse(clips):
     pair = valid[:, 1:] & valid[:, :-1]  # (B, F-1) displacements between two frames that both show a shape
     step = (centroid[:, 1:] - centroid[:, :-1]) * pair[..., None]  # (B, F-1, 2)
     return dict(x=x, dist=dist, valid=valid, area=area, counts=counts, iou=iou, colour=colour, shape=shape,
-                centroid=centroid, sse=sse.view(B, 2).sum(1), n_pos=n_pos, step=step, pair=pair)
+                centroid=centroid, pos=pos, sse=sse.view(B, 2).sum(1), n_pos=n_pos, step=step, pair=pair)
+
+
+def measure_positions(clips, shapes=None):
+    """The evaluator's position of the shape in every frame: (B, F, 2) px (x, y) and (B, F) bool "shows a shape".
+    It is the foreground centroid minus the shape's centroid offset, the shape being the one the evaluator
+    detects in the clip or, given `shapes` (B,) long, the true one (so a wrong shape vote does not move it).
+    On real clips it is the renderer's position to within 0.13 px (the triangle's raster centroid moves a little
+    with the position; the offset is its average)."""
+    a = _analyse(clips)
+    if shapes is None:
+        return a["pos"], a["valid"]
+    return a["centroid"] - _templates()["offset"][torch.as_tensor(shapes)][:, None], a["valid"]
 
 
 def _features(a):

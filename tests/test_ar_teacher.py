@@ -57,6 +57,22 @@ def test_bidirectional_sampler_on_one_block_equals_ar_sampler(fpb):
     assert (a - b).abs().max() < 1e-4 and (traj_a - traj_b).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("fpb", [1, 3])
+def test_ar_sampler_continues_a_prefix_exactly_as_it_would_its_own_frames(fpb):
+    # given its own first block as a clean prefix, the sampler makes the same later frames from the same noise:
+    # the prefix write is the refresh it does after every block
+    m = random_model()
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(2, 6, 3, 16, 16, generator=g)
+    ctx, null = torch.randn(2, 2, 32, generator=g), torch.zeros(2, 2, 32)
+    whole = sample_ar(m, noise, ctx, null, num_steps=3, guidance=2.0, frames_per_block=fpb)
+    rest = sample_ar(m, noise[:, fpb:], ctx, null, num_steps=3, guidance=2.0, frames_per_block=fpb,
+                     prefix=whole[:, :fpb])
+    assert rest.shape == whole[:, fpb:].shape and (rest - whole[:, fpb:]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="whole number of 3-frame blocks"):
+        sample_ar(m, noise[:, :3], ctx, null, num_steps=2, frames_per_block=3, prefix=whole[:, :2])
+
+
 def test_stage1_timesteps_are_per_block_on_the_training_grid():
     grid = M.timestep_grid(1000, 5.0)
     t = ar_teacher.sample_t(grid, 64, 2, 3, torch.Generator().manual_seed(0), "cpu")
@@ -79,6 +95,28 @@ def test_smoke_base_then_ar_then_diffusion_forcing(tmp_path, monkeypatch):
         teacher, ck = ar_teacher.load_teacher(str(tmp_path), phase="ar", **kw)
         assert os.path.basename(ar_teacher.checkpoint_path(tiny_run(tmp_path, phase="ar", **kw))) == name
         assert ck["stage"] == "ar_teacher" and teacher.cfg.dim == 32
+
+
+def test_next_frame_report_scores_the_given_real_past(tmp_path, monkeypatch):
+    shrink_toy_preset(monkeypatch)
+    text = toy_data.TextEncoder()
+    m = ar_teacher.DiT(M.PRESETS["toy"]).eval()
+    for fpb, frames in [(1, (2, 5)), (3, (3, 5))]:  # first block with >= 2 real frames before it
+        r = ar_teacher.next_frame_report(m, tiny_run(tmp_path, phase="ar", frames_per_block=fpb), 9, text)
+        assert r["frames"] == frames and 0 <= r["off"] <= 1 and r["real_rms"] < 0.13
+    # stand-in samplers: one that returns the true next frame scores 0 off; one that repeats the last real frame
+    # (a stall) is off on every coordinate, since the toy moves 1 px per frame on both axes
+    traj = toy_data.sample_trajectories(9, seed=4321, prompts=ar_teacher.eval_prompts(9))
+    real = toy_data.render(traj["shape"], traj["colour"], traj["pos"])
+    for lag, off in [(0, 0.0), (1, 1.0)]:
+        monkeypatch.setattr(ar_teacher, "sample_ar", lambda model, noise, *a, prefix, **k:
+                            real[:, prefix.shape[1] - lag:][:, :noise.shape[1]])
+        r = ar_teacher.next_frame_report(m, tiny_run(tmp_path, phase="ar"), 9, text)
+        assert r["off"] == off and abs(r["rms"] - lag) < 0.13
+    monkeypatch.undo()
+    shrink_toy_preset(monkeypatch)
+    with pytest.raises(ValueError, match="no block of a 6-frame clip has 2 real frames before it"):
+        ar_teacher.next_frame_report(m, tiny_run(tmp_path, phase="ar", frames_per_block=6), 9, text)
 
 
 def test_reevaluating_a_finished_run_with_more_clips_leaves_its_record(tmp_path, monkeypatch, capsys):
@@ -125,6 +163,23 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     for k in straight["model"]:
         assert torch.equal(straight["model"][k], resumed["model"][k]), k
     assert straight["history"] == resumed["history"]
+
+
+def test_resume_accepts_a_checkpoint_older_than_a_new_setting_or_moved(tmp_path, monkeypatch):
+    # a checkpoint written before a setting existed resumes as if it had that setting's default; a run folder
+    # moved elsewhere resumes from there (the folder is where a run lives, not how it trains)
+    shrink_toy_preset(monkeypatch)
+    cfg = tiny_run(tmp_path, phase="base")
+    ar_teacher.train(cfg)
+    path = str(tmp_path / "base.pt")
+    old = M.load_checkpoint(path)
+    del old["config"]["clip_frames"]
+    M.save_checkpoint(path, **old)
+    assert ar_teacher.train(dataclasses.replace(cfg, resume=True))["prompt_acc"] >= 0  # raised before the fix
+    os.rename(tmp_path / "base.pt", tmp_path / "moved.pt")
+    os.makedirs(tmp_path / "moved")
+    os.rename(tmp_path / "moved.pt", tmp_path / "moved" / "base.pt")
+    assert ar_teacher.train(dataclasses.replace(cfg, resume=True, out_dir=str(tmp_path / "moved")))["prompt_acc"] >= 0
 
 
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -151,6 +151,23 @@ def test_wrong_prompt_static_and_shuffled(real):
     assert jumpy["prompt_acc"] == 1.0 and jumpy["physics"] > 4 * m["physics"]
 
 
+def test_measure_positions_recovers_the_renderers_positions():
+    traj = td.sample_trajectories(300, seed=5)
+    clips = td.render(traj["shape"], traj["colour"], traj["pos"])
+    for shapes in (None, traj["shape"]):  # detected shape, or the true one
+        pos, shows = td.measure_positions(clips, shapes)
+        assert pos.shape == (300, td.FRAMES, 2) and shows.all()
+        assert (pos - traj["pos"]).abs().max() < 0.13
+    # a shape moved by one pixel is measured one pixel away; an empty frame shows no shape
+    moved = td.render(traj["shape"], traj["colour"], traj["pos"] + torch.tensor([1.0, 0.0]))
+    pos, _ = td.measure_positions(moved[:20], traj["shape"][:20])
+    inner = (traj["pos"][:20, :, 0] + 1 <= td.SIZE - td.HALF_EXTENT[traj["shape"][:20], 0][:, None])  # still inside
+    assert ((pos[..., 0] - traj["pos"][:20, :, 0] - 1).abs()[inner] < 0.13).all()
+    empty = clips[:2].clone()
+    empty[:, 1] = -1.0
+    assert not td.measure_positions(empty)[1][:, 1].any()
+
+
 def test_prompt_acc_is_robust_to_stray_pixels_and_empty_frames_are_wrong(real):
     clips, prompts, _ = real
     noisy = clips.clone()
