@@ -113,8 +113,6 @@ def test_next_frame_report_scores_the_given_real_past(tmp_path, monkeypatch):
                             real[:, prefix.shape[1] - lag:][:, :noise.shape[1]])
         r = ar_teacher.next_frame_report(m, tiny_run(tmp_path, phase="ar"), 9, text)
         assert r["off"] == off and abs(r["rms"] - lag) < 0.13
-    monkeypatch.undo()
-    shrink_toy_preset(monkeypatch)
     with pytest.raises(ValueError, match="no block of a 6-frame clip has 2 real frames before it"):
         ar_teacher.next_frame_report(m, tiny_run(tmp_path, phase="ar", frames_per_block=6), 9, text)
 
