@@ -66,6 +66,7 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     ema_decay: float = 0.995  # EMA of the weights, used for every sample and for the next stage
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (the unconditional branch for CFG)
     ar_weighting: str = "bell"  # ar: per-t loss weight, "bell" (official stage 1, ~0 at both ends) or "uniform"
+    base_weighting: str = "uniform"  # base: per-t loss weight, "uniform" (plain flow matching) or "bell"
     eval_every: int = 2000  # a progress GIF (+ rough metrics of its 18 clips) every this many steps
     ckpt_every: int = 250  # atomic checkpoint every this many steps (and at the end)
     eval_clips: int = 72  # clips of the final evaluation (8 per prompt). More clips on a finished run:
@@ -201,35 +202,16 @@ def next_frame_report(model, cfg, n, text, seed=4321):
 
     From two real frames on, the toy's motion is determined (constant velocity, bounces), so a perfect teacher puts
     the shape exactly where the clip has it; the error measures how well teacher forcing learned its one-step
-    task, free of the drift of the teacher's own rollouts (the evaluator's `physics` mixes both). Blocks that start
-    before frame 2 are skipped: their velocity is still a coin flip. Same sampler as `generate` (N-step Euler, CFG).
-    Returns a dict: `off`, the fraction of coordinates off by >= 0.5 px (an empty frame counts as off), `rms`, the
-    RMS error in px over frames that show a shape, `real_rms`, the same measurement on the real frames (the
-    measurement's own floor), and `frames`, the first and last frame scored."""
-    fpb = cfg.frames_per_block
-    first = fpb * math.ceil(2 / fpb)  # the first block with >= 2 real frames before it
-    if first >= toy_data.FRAMES:
-        raise ValueError(f"--frames-per-block {fpb}: no block of a {toy_data.FRAMES}-frame clip has 2 real frames "
-                         f"before it")
+    task, free of the drift of the teacher's own rollouts (the evaluator's `physics` mixes both). Same sampler as
+    `generate` (N-step Euler, CFG); the measurement is toy_data.next_block_report (keys off, rms, real_rms, frames)."""
     dev = next(model.parameters()).device
-    prompts = eval_prompts(n)
-    traj = toy_data.sample_trajectories(n, seed=seed, prompts=prompts)
-    real = toy_data.render(traj["shape"], traj["colour"], traj["pos"]).to(dev)  # (n, F, 3, H, W)
-    ctx, ctx_null = text(prompts).to(dev), text([""] * n).to(dev)
-    g = torch.Generator().manual_seed(seed)
-    err, valid = [], []
-    for start in range(first, toy_data.FRAMES, fpb):
-        noise = torch.randn(n, fpb, 3, toy_data.SIZE, toy_data.SIZE, generator=g).to(dev)
-        block = sample_ar(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance, fpb, prefix=real[:, :start])
-        pos, ok = toy_data.measure_positions(block.cpu(), traj["shape"])  # (n, fpb, 2), (n, fpb)
-        err.append((pos - traj["pos"][:, start:start + fpb]).abs())
-        valid.append(ok[..., None].expand_as(pos))
-    err, valid = torch.cat(err, 1), torch.cat(valid, 1)
-    real_pos, _ = toy_data.measure_positions(real[:, first:].cpu(), traj["shape"])
-    return dict(off=((err >= 0.5) | ~valid).float().mean().item(),
-                rms=err[valid].pow(2).mean().sqrt().item() if valid.any() else float("nan"),
-                real_rms=(real_pos - traj["pos"][:, first:]).pow(2).mean().sqrt().item(),
-                frames=(first, toy_data.FRAMES - 1))
+
+    def continue_clip(prefix, noise, prompts):
+        ctx, ctx_null = text(prompts).to(dev), text([""] * len(prompts)).to(dev)
+        return sample_ar(model, noise.to(dev), ctx, ctx_null, cfg.eval_steps, cfg.guidance, cfg.frames_per_block,
+                         prefix=prefix.to(dev)).cpu()
+
+    return toy_data.next_block_report(continue_clip, n, cfg.frames_per_block, seed=seed)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -329,7 +311,7 @@ def train(cfg):
         else:
             path_kw = dict(clean=x0, frames_per_block=fpb)  # ground-truth clean context at t = 0
         with autocast(device, model):
-            loss = flow_matching_loss(model, x0, ctx, t, eps, mcfg.shift, cfg.phase == "ar" and cfg.ar_weighting == "bell",
+            loss = flow_matching_loss(model, x0, ctx, t, eps, mcfg.shift, (cfg.ar_weighting if cfg.phase == "ar" else cfg.base_weighting) == "bell",
                                       **path_kw)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -375,6 +357,9 @@ def train(cfg):
         print(f"{'':>{len(name)}} | next block given the real past (frames {nf['frames'][0]}-{nf['frames'][1]}): "
               f"{nf['off']:.1%} of coordinates off by >= 0.5 px, RMS error {nf['rms']:.2f} px "
               f"(real frames: {nf['real_rms']:.2f} px)")
+        own = toy_data.own_step_report(clips, eval_p)
+        print(f"{'':>{len(name)}} | the same on its own rollouts (frame i vs its own frames i-2, i-1): "
+              f"{own['off']:.1%} off by >= 0.5 px; exposure-bias gap {own['off'] - nf['off']:+.1%}")
     if n != ckpt["config"]["eval_clips"]:  # a re-evaluation with another clip count: print, keep the record
         return metrics
     save_checkpoint(path, **{**ckpt, "metrics": metrics, "minutes": minutes})

@@ -63,9 +63,11 @@ import toy_data
 from model import (ScaleOptions, add_noise, autocast, dry_run, ema_update, load_checkpoint, make_optimizer,
                    limit_memory, model_from_checkpoint, open_data, parse_config, pick_device, prepare, report_memory,
                    save_checkpoint, shift_sigma, warped_steps, x0_from_v)
-from sample_stream import cfg_velocity, sample_stream, stream_speed, toy_few_step_samples
+from sample_stream import (cfg_velocity, exposure_line, sample_stream, stream_speed, toy_exposure_report,
+                           toy_few_step_samples)
 
 INITS = ("bidirectional_ode", "ar_teacher", "causal_ode", "causal_cd")  # the table's row order (CF++ Table 2)
+METRICS = ("blur", "second_moment", "prompt_acc", "motion", "motion_gap", "physics", "fd")  # toy_data.evaluate
 
 
 @dataclass
@@ -78,8 +80,8 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     critic_ratio: int = 5  # critic updates per generator update (official dfake_gen_update_ratio)
     critic_warmup: int = 0  # critic-only updates before the first generator update (not in the official code)
     batch_size: int = 16
-    lr: float = 2e-5  # generator
-    lr_critic: float = 2e-5
+    lr: float = 2e-6  # generator (official 2e-6)
+    lr_critic: float = 4e-7  # official 4e-7: the critic moves 5x slower per update than the generator
     real_guidance: float = 4.0  # CFG of the real score, uncond + w (cond - uncond) (= official cond + 3 (c - u))
     min_t: float = 20.0  # DMD timesteps are clamped to [min_t, max_t] (official 20 / 980)
     max_t: float = 980.0
@@ -93,16 +95,19 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     device: str = "auto"
     resume: bool = False
     table: bool = False  # run the whole toy table instead of one run
+    table_seeds: int = 3  # --table: DMD seeds of each 2-step row (mean +- sd); the other rows run one seed
 
 
 def checkpoint_path(cfg):
-    suffix = "" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}"
+    suffix = ("" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}") + (
+        f"_seed{cfg.seed}" if cfg.seed else "")
     return os.path.join(cfg.out_dir, f"dmd_{cfg.init}_{cfg.num_steps}step{suffix}.pt")
 
 
 def make_command(cfg):
     cmd = f"python dmd.py --init {cfg.init} --num-steps {cfg.num_steps}"
-    return cmd + (f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "")
+    return cmd + (f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "") + (
+        f" --seed {cfg.seed}" if cfg.seed else "")
 
 
 def load_init(init, out_dir, frames_per_block, device):
@@ -195,7 +200,8 @@ def train(cfg):
 
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage="dmd", make_cmd=make_command(cfg))
-        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "dry_run",
+        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "table_seeds",
+                "dry_run",
                 "out_dir")
         saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in keep and saved[k] != v}
@@ -234,9 +240,11 @@ def train(cfg):
         model = (ema or generator).eval()
         clips, prompts = toy_few_step_samples(model, cfg.eval_clips, cfg.num_steps, cfg.frames_per_block,
                                               first_block_4step=first_steps is not None)
-        model.train()
         m = toy_data.evaluate(clips, prompts)
-        tqdm.write(f"{tag} | {toy_data.metric_line(m)}")
+        m.update(toy_exposure_report(model, clips, prompts, steps, cfg.frames_per_block, n=cfg.eval_clips))
+        model.train()
+        tqdm.write(f"{tag} | {toy_data.metric_line({k: m[k] for k in METRICS})}")
+        tqdm.write(f"{'':{len(tag)}} | {exposure_line(m)}")
         return m, clips
 
     def critic_update():
@@ -308,7 +316,7 @@ def train(cfg):
     gif = os.path.join(cfg.out_dir, "samples", os.path.basename(path).replace(".pt", ".gif"))
     os.makedirs(os.path.dirname(gif), exist_ok=True)
     toy_data.save_video(gif, clips, ncols=9)
-    metrics = {k: log[-1][k] for k in ("blur", "second_moment", "prompt_acc", "motion", "motion_gap", "physics", "fd")}
+    metrics = {k: log[-1][k] for k in (*METRICS, "next_off", "own_off", "gap", "area")}
     print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}, samples {gif}")
     return metrics, minutes
 
@@ -340,42 +348,67 @@ def ensure_stage2(cfg):
 
 
 def table(cfg):
-    """Rows: init x steps {1, 2, 4}, frame-wise, before and after DMD at the same budget, seeds and prompts."""
+    """Rows: init x steps {1, 2, 4}, frame-wise, before and after DMD at the same budget and evaluation noise. The
+    2-step rows (Causal Forcing++'s headline) run `table_seeds` DMD seeds each and print mean +- sd over them; the
+    other rows are one seed (cfg.seed). A seed changes DMD's own randomness (prompts, rollout noise, exit steps,
+    DMD timesteps), not the stage-2 init or the evaluation noise."""
     t0 = time.time()
     ensure_stage2(cfg)
     device = pick_device(cfg.device)
     rows = []
     for init in INITS:
         for n in (1, 2, 4):
-            run = Config(**{**asdict(cfg), "init": init, "num_steps": n, "table": False, "resume": False})
-            model, _ = load_init(init, cfg.out_dir, 1, device)
-            _, first = step_lists(n, 1, model.cfg.shift)
-            clips, prompts = toy_few_step_samples(model, cfg.eval_clips, n, 1, first_block_4step=first is not None)
-            before = toy_data.evaluate(clips, prompts)
-            after, minutes = train(run)
+            runs = []
+            for seed in [cfg.seed + i for i in range(cfg.table_seeds if n == 2 else 1)]:
+                run = Config(**{**asdict(cfg), "init": init, "num_steps": n, "seed": seed, "table": False,
+                                "resume": False})
+                after, minutes = train(run)
+                before = {k: v for k, v in load_checkpoint(checkpoint_path(run))["log"][0].items() if k != "update"}
+                runs.append(dict(seed=seed, before=before, after=after, minutes=minutes))
             gen_model, _ = load_generator(checkpoint_path(run), device)
-            speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=first is not None)
-            rows.append(dict(init=init, steps=n, before=before, after=after, minutes=minutes, **speed))
+            speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=n < 4)
+            rows.append(dict(init=init, steps=n, runs=runs, **speed))
             json.dump(rows, open(os.path.join(cfg.out_dir, "dmd_table.json"), "w"), indent=1)
-    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
-    keys = ("blur", "second_moment", "prompt_acc", "motion", "physics", "fd")
-    lines = ["| init | steps | | " + " | ".join(keys) + " | frames/s | first-frame latency | DMD time |",
-             "|---|---|---|" + "---|" * len(keys) + "---|---|---|"]
-    for r in rows:
-        for when in ("before", "after"):
-            cells = " | ".join(f"{r[when][k]:.3f}" if k != "fd" else f"{r[when][k]:.1f}" for k in keys)
-            extra = (f"{r['fps']:.0f} | {1000 * r['first_frame_s']:.1f} ms | {r['minutes']:.1f} min" if when == "after"
-                     else " | | ")
-            lines.append(f"| {r['init'] if when == 'before' else ''} | {r['steps'] if when == 'before' else ''} | "
-                         f"{when} DMD | {cells} | {extra} |")
-    lines.append("| real clips | | | " + " | ".join(f"{real[k]:.3f}" if k != "fd" else f"{real[k]:.1f}" for k in keys)
-                 + " | | | |")
-    text = "\n".join(lines)
+    real_clips, real_prompts = toy_data.sample_clips(cfg.eval_clips, seed=0)
+    real = {**toy_data.evaluate(real_clips, real_prompts),
+            "own_off": toy_data.own_step_report(real_clips, real_prompts)["off"]}
+    text = table_markdown(rows, real)
     with open(os.path.join(cfg.out_dir, TABLE_MD), "w") as f:
         f.write(text + "\n")
     print(text)
-    print(f"table: {len(rows)} DMD runs, {(time.time() - t0) / 60:.1f} min in all -> {cfg.out_dir}/{TABLE_MD}")
+    print(f"table: {sum(len(r['runs']) for r in rows)} DMD runs, {(time.time() - t0) / 60:.1f} min in all -> "
+          f"{cfg.out_dir}/{TABLE_MD}")
     return rows
+
+
+TABLE_KEYS = ("blur", "second_moment", "prompt_acc", "motion", "physics", "fd", "next_off", "own_off")
+
+
+def table_markdown(rows, real):
+    """The table as markdown: one line before and one after DMD per row; mean +- sd (n = seeds) over seeds."""
+    def cell(values, k):
+        fmt = (lambda v: f"{v:.1f}") if k == "fd" else (lambda v: f"{100 * v:.1f}%") if k.endswith("_off") else \
+            (lambda v: f"{v:.3f}")
+        if len(values) == 1:
+            return fmt(values[0])
+        t = torch.tensor(values, dtype=torch.float64)
+        return f"{fmt(t.mean().item())} +- {fmt(t.std().item())}"
+
+    head = ("| init | steps | | seeds | " + " | ".join(TABLE_KEYS).replace("next_off", "next frame off (real past)")
+            .replace("own_off", "next frame off (own past)") + " | frames/s | first-frame latency | DMD time |")
+    lines = [head, "|---|---|---|---|" + "---|" * len(TABLE_KEYS) + "---|---|---|"]
+    for r in rows:
+        for when in ("before", "after"):
+            runs = r["runs"][:1] if when == "before" else r["runs"]  # the init is the same for every seed
+            cells = " | ".join(cell([x[when][k] for x in runs], k) for k in TABLE_KEYS)
+            minutes = sum(x["minutes"] for x in r["runs"]) / len(r["runs"])
+            extra = (f"{r['fps']:.0f} | {1000 * r['first_frame_s']:.1f} ms | {minutes:.1f} min" if when == "after"
+                     else " | | ")
+            lines.append(f"| {r['init'] if when == 'before' else ''} | {r['steps'] if when == 'before' else ''} | "
+                         f"{when} DMD | {len(runs)} | {cells} | {extra} |")
+    lines.append("| real clips | | | | " + " | ".join(cell([real[k]], k) if k in real else "" for k in TABLE_KEYS)
+                 + " | | | |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,8 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     resume: bool = False
     plot: bool = False  # make injectivity.png (training whichever student is missing first)
     per_frame: bool = False  # print second moment and blur per frame index of the students and their targets
+    noisy_prefix: bool = False  # bidirectional: the ablation whose past blocks are never clean in training (k in
+    # 0..3 per block) -> bidirectional_ode_noisy_prefix.pt; default: the official recipe, clean past included
 
 
 def stage_name(teacher):
@@ -79,6 +81,8 @@ def stage_name(teacher):
 
 def student_path(cfg):
     suffix = "" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}"
+    if cfg.teacher == "bidirectional" and cfg.noisy_prefix:
+        suffix = "_noisy_prefix" + suffix
     return os.path.join(cfg.out_dir, stage_name(cfg.teacher) + suffix + ".pt")
 
 
@@ -89,7 +93,8 @@ def pairs_path(cfg):
 
 def make_command(cfg):
     return f"python ode_init.py --teacher {cfg.teacher}" + (
-        f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "")
+        f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "") + (
+        " --noisy-prefix" if cfg.teacher == "bidirectional" and cfg.noisy_prefix else "")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -167,22 +172,32 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
 # The student
 
 
-def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shift, generator):
+def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shift, generator, noisy_prefix=False):
     """MSE between the student's x0 prediction at a stored trajectory point and the ODE endpoint.
     ar:            one k ~ U{0..3} for all frames; input states[k] at t_k with the ground-truth clean context
-    bidirectional: one k per block (CausVid); input the noisy prefix under a block-causal mask."""
+                   (Causal Forcing trainer/ode.py, uniform_timestep).
+    bidirectional: one k ~ U{0..4} per block over the stored points *including the clean endpoint* (k = 4, t = 0),
+                   one forward under the block-causal mask, the loss masked to blocks with t != 0 (Self Forcing
+                   model/ode_regression.py: indices [0, 12, 24, 36, -1]; CausVid: [1000, 757, 522, 0]). Past blocks
+                   are then clean a fifth of the time each, as the KV cache is at inference.
+                   noisy_prefix=True: k ~ U{0..3}, the past is never clean in training (the mismatch of Prop. 3.4
+                   stacked on the injectivity failure; an ablation, not an official recipe)."""
     states, x0_gt = batch  # (B, 5, F, C, H, W), (B, F, C, H, W)
     B, _, nF = states.shape[:3]
-    t_list = torch.tensor(warped_steps(4, shift))  # = 48-grid points 0/12/24/36
+    t_list = torch.tensor(warped_steps(4, shift) + [0.0])  # = 48-grid points 0/12/24/36, then the endpoint t = 0
     n_blocks = nF // frames_per_block
-    k = torch.randint(0, 4, (B, 1 if teacher_kind == "ar" else n_blocks), generator=generator)
+    n_points = 4 if teacher_kind == "ar" or noisy_prefix else 5
+    k = torch.randint(0, n_points, (B, 1 if teacher_kind == "ar" else n_blocks), generator=generator)
     k = k.expand(B, n_blocks).repeat_interleave(frames_per_block, dim=1)  # (B, F)
     x_in = states[torch.arange(B)[:, None], k, torch.arange(nF)[None]]  # (B, F, C, H, W)
     t = t_list[k].to(x_in.device)  # (B, F)
     path = dict(clean=x0_gt, frames_per_block=frames_per_block) if teacher_kind == "ar" else \
         dict(frames_per_block=frames_per_block)
     x0_hat = x0_from_v(x_in, student(x_in, t, ctx, **path), t)
-    return (x0_hat - states[:, -1]).pow(2).mean()
+    mask = t != 0  # (B, F): a clean block is context, not a target (its x0_hat is its input)
+    if not mask.any():  # every block of the batch drawn clean: nothing to regress (the official code gives NaN)
+        return 0.0 * x0_hat.sum()
+    return (x0_hat[mask] - states[:, -1][mask]).pow(2).mean()  # mean over the noisy frames only
 
 
 def train(cfg):
@@ -207,6 +222,7 @@ def train(cfg):
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), 0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], student_path(cfg)
+    name = os.path.basename(path)[:-3]  # causal_ode, bidirectional_ode, bidirectional_ode_noisy_prefix, ...
     if cfg.resume and os.path.exists(path):
         ckpt = load_checkpoint(path, stage=stage_name(cfg.teacher), make_cmd=make_command(cfg))
         student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
@@ -222,7 +238,7 @@ def train(cfg):
                         optimizer=opt.state_dict(), gen=gen.get_state(), step=step, history=history,
                         pair_bytes=pairs["bytes"], pair_seconds=pairs["seconds"], **extra)
 
-    pbar = tqdm(total=cfg.steps, initial=step, desc=stage_name(cfg.teacher), dynamic_ncols=True)
+    pbar = tqdm(total=cfg.steps, initial=step, desc=name, dynamic_ncols=True)
     while step < cfg.steps:
         frac = min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
@@ -231,7 +247,7 @@ def train(cfg):
         batch = (pairs["states"][idx].to(device), pairs["x0"][idx].to(device))
         with autocast(device, student):
             loss = ode_regression_loss(student, batch, ctx_all[idx].to(device), cfg.teacher, cfg.frames_per_block,
-                                       student.cfg.shift, gen)
+                                       student.cfg.shift, gen, noisy_prefix=cfg.noisy_prefix)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -247,20 +263,20 @@ def train(cfg):
     report_memory(device, "ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     minutes = (time.time() - t_start) / 60
     if cfg.data != "toy":  # Wan scale: no toy evaluator; sample the student with sample_stream.py
-        print(f"{stage_name(cfg.teacher)}: {step} steps, {minutes:.1f} min including pairs "
+        print(f"{name}: {step} steps, {minutes:.1f} min including pairs "
               f"({pairs['bytes'] / 2 ** 20:.1f} MiB stored) -> {path}")
         save(minutes=minutes)
         return {}
-    metrics = toy_few_step_report(ema, stage_name(cfg.teacher), cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
+    metrics = toy_few_step_report(ema, name, cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
     minutes = (time.time() - t_start) / 60
-    print(f"{stage_name(cfg.teacher)}: {minutes:.1f} min including pairs ({pairs['seconds'] / 60:.1f} min, "
+    print(f"{name}: {minutes:.1f} min including pairs ({pairs['seconds'] / 60:.1f} min, "
           f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored)")
     save(metrics=metrics, minutes=minutes)
     return metrics
 
 
-def load_student(out_dir, teacher, frames_per_block=1, device="cpu"):
-    cfg = Config(teacher=teacher, frames_per_block=frames_per_block, out_dir=out_dir)
+def load_student(out_dir, teacher, frames_per_block=1, device="cpu", noisy_prefix=False):
+    cfg = Config(teacher=teacher, frames_per_block=frames_per_block, out_dir=out_dir, noisy_prefix=noisy_prefix)
     ckpt = load_checkpoint(student_path(cfg), stage=stage_name(teacher), make_cmd=make_command(cfg))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
 
@@ -442,18 +458,19 @@ def per_frame_report(cfg, n=72):
     4 steps, the same 72 noises), beside those of its ODE targets (the stored endpoints). Students or pair files
     missing from cfg.out_dir are skipped."""
     fmt = lambda v: "[" + ", ".join(f"{float(a):.3f}" for a in v) + "]"
-    for teacher in ("ar", "bidirectional"):
-        c = Config(teacher=teacher, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir)
-        if os.path.exists(pairs_path(c)):
+    for teacher, noisy in (("ar", False), ("bidirectional", False), ("bidirectional", True)):
+        c = Config(teacher=teacher, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, noisy_prefix=noisy)
+        name = os.path.basename(student_path(c))[:-3]
+        if os.path.exists(pairs_path(c)) and not noisy:
             end = torch.load(pairs_path(c), map_location="cpu", weights_only=False)["states"][:, -1].float()
-            print(f"{stage_name(teacher):17s} targets | 2nd moment {fmt(end.pow(2).mean((0, 2, 3, 4)))} "
+            print(f"{stage_name(teacher) + ' targets':32s} | 2nd moment {fmt(end.pow(2).mean((0, 2, 3, 4)))} "
                   f"blur {fmt(toy_data.blur_per_frame(end).mean(0))}")
         if not os.path.exists(student_path(c)):
             continue
-        student, _ = load_student(cfg.out_dir, teacher, cfg.frames_per_block)
+        student, _ = load_student(cfg.out_dir, teacher, cfg.frames_per_block, noisy_prefix=noisy)
         for n_steps in (1, 4):
             clips, _ = toy_few_step_samples(student, n, n_steps, cfg.frames_per_block)
-            print(f"{stage_name(teacher):17s} {n_steps}-step  | 2nd moment {fmt(clips.pow(2).mean((0, 2, 3, 4)))} "
+            print(f"{name + f' {n_steps}-step':32s} | 2nd moment {fmt(clips.pow(2).mean((0, 2, 3, 4)))} "
                   f"blur {fmt(toy_data.blur_per_frame(clips).mean(0))}")
 
 

@@ -194,6 +194,37 @@ def toy_few_step_samples(model, n, steps, frames_per_block=1, seed=1234, first_b
     return clips.cpu(), prompts
 
 
+@torch.no_grad()
+def toy_exposure_report(model, clips, prompts, steps, frames_per_block=1, n=72, seed=4321):
+    """Exposure bias of a few-step causal model on the toy, as three numbers: the fraction of coordinates off by
+    >= 0.5 px (a) when the model continues the *real* past of n clips (the real frames written block by block into
+    the cache at t = 0, then one block of the few-step sampler: what teacher forcing trained), and (b) on its own
+    `clips` (frame i vs the continuation of its own frames i-2, i-1), and the gap (b) - (a). DMD's self rollout
+    trains on the model's own past, so it should shrink (b) and the gap. Also the mean foreground area per frame
+    (px), where DMD's CFG push shows up as shapes that grow."""
+    dev = next(model.parameters()).device
+    g = torch.Generator().manual_seed(seed)
+    text = toy_data.TextEncoder()
+
+    def continue_clip(prefix, noise, block_prompts):
+        stream = Stream(model, steps, frames_per_block, max_frames=prefix.shape[1] + noise.shape[1], generator=g)
+        stream.set_prompt(text(block_prompts).to(dev))
+        for s in range(0, prefix.shape[1], frames_per_block):  # block by block, as the refresh writes them
+            stream.write_frames(prefix[:, s:s + frames_per_block].to(dev))
+        return sample_stream(model, noise.to(dev), stream.ctx, steps, frames_per_block, generator=g,
+                             cache=stream.cache, start_frame=stream.frame).cpu()
+
+    real_past = toy_data.next_block_report(continue_clip, n, frames_per_block, seed=seed)
+    own = toy_data.own_step_report(clips, prompts)
+    return dict(next_off=real_past["off"], own_off=own["off"], gap=own["off"] - real_past["off"],
+                area=[round(a, 1) for a in toy_data.area_per_frame(clips).tolist()])
+
+
+def exposure_line(r):
+    return (f"next frame off >= 0.5 px: real past {r['next_off']:.1%}, own past {r['own_off']:.1%} "
+            f"(gap {r['gap']:+.1%}) | area/frame {r['area']}")
+
+
 def toy_few_step_report(model, name, n, frames_per_block, out_dir):
     """Every stage-2/3 student's closing report: 1-, 2- and 4-step samples from fixed noise, one evaluator line
     each, and a GIF of the 4-step clips in out_dir/samples/. Returns {steps: metrics}."""

@@ -400,6 +400,63 @@ def evaluate(clips, prompts, reference=None):
     )
 
 
+def own_step_report(clips, prompts, tol=0.5):
+    """Exposure bias, seen on a model's own clips: does frame i continue the model's *own* frames i-2, i-1?
+
+    From two frames on, the toy's motion is determined: frame i's position is frame i-1's plus the last step,
+    reflected at a wall. This measures each generated frame i >= 2 against that continuation of the clip's own
+    previous two measured positions (the true shape's walls), so it asks what teacher forcing trained the model
+    to do, but on the model's own past. Beside the same question asked with the *real* past
+    (`next_block_report`), the gap between the two is the exposure bias that DMD's self rollout targets.
+    Returns dict(off: fraction of coordinates off by >= tol px, a frame of the three without a shape counting as
+    off; per_frame: that fraction for frames 2..F-1). Real clips score 0 (a test)."""
+    shapes = torch.tensor([parse_prompt(p)[1] for p in prompts], dtype=torch.long)
+    pos, valid = measure_positions(clips, shapes)  # (B, F, 2), (B, F)
+    lo = HALF_EXTENT[shapes][:, None]  # (B, 1, 2)
+    hi = SIZE - lo
+    pred = 2 * pos[:, 1:-1] - pos[:, :-2]  # (B, F-2, 2): p_{i-1} + (p_{i-1} - p_{i-2})
+    pred = torch.where(pred > hi, 2 * hi - pred, torch.where(pred < lo, 2 * lo - pred, pred))  # reflect at a wall
+    ok = valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]  # (B, F-2)
+    off = ((pos[:, 2:] - pred).abs() >= tol) | ~ok[..., None]  # (B, F-2, 2)
+    return dict(off=off.float().mean().item(), per_frame=off.float().mean((0, 2)).tolist())
+
+
+def next_block_report(continue_clip, n, frames_per_block, seed=4321, tol=0.5):
+    """Teacher forcing's own question for any causal model: given the *real* past of a clip, where does the next
+    block put the shape? `continue_clip(prefix, noise, prompts)` returns the next block (n, fpb, 3, H, W) after the
+    clean frames prefix (n, P, 3, H, W) from the block's noise (n, fpb, 3, H, W). Blocks that start before frame 2
+    are skipped (the direction is still a coin flip there). Returns dict(off: fraction of coordinates off by >= tol
+    px, an empty frame counting as off; rms over frames that show a shape; real_rms: the same measurement on the
+    real frames, its floor; frames: first and last frame scored)."""
+    fpb = frames_per_block
+    first = fpb * math.ceil(2 / fpb)  # the first block with >= 2 real frames before it
+    if first >= FRAMES:
+        raise ValueError(f"--frames-per-block {fpb}: no block of a {FRAMES}-frame clip has 2 real frames before it")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    traj = sample_trajectories(n, seed=seed, prompts=prompts)
+    real = render(traj["shape"], traj["colour"], traj["pos"])  # (n, F, 3, H, W)
+    g = torch.Generator().manual_seed(seed)
+    err, valid = [], []
+    for start in range(first, FRAMES, fpb):
+        noise = torch.randn(n, fpb, 3, SIZE, SIZE, generator=g)
+        block = continue_clip(real[:, :start], noise, prompts)
+        pos, ok = measure_positions(torch.as_tensor(block).cpu(), traj["shape"])  # (n, fpb, 2), (n, fpb)
+        err.append((pos - traj["pos"][:, start:start + fpb]).abs())
+        valid.append(ok[..., None].expand_as(pos))
+    err, valid = torch.cat(err, 1), torch.cat(valid, 1)
+    real_pos, _ = measure_positions(real[:, first:], traj["shape"])
+    return dict(off=((err >= tol) | ~valid).float().mean().item(),
+                rms=err[valid].pow(2).mean().sqrt().item() if valid.any() else float("nan"),
+                real_rms=(real_pos - traj["pos"][:, first:]).pow(2).mean().sqrt().item(),
+                frames=(first, FRAMES - 1))
+
+
+def area_per_frame(clips):
+    """Mean foreground area (px) per frame index (F,): how big the shapes are drawn. Real: circle 52, square 36,
+    triangle about 30 px. DMD's CFG push can grow the shapes frame by frame; this shows it."""
+    return _analyse(clips)["area"].mean(0)
+
+
 def blur_per_frame(clips):
     """The blur metric per clip and frame (B, F): mean RGB distance of each pixel to the nearest palette colour."""
     x = torch.as_tensor(clips).detach().float().cpu()

@@ -97,6 +97,89 @@ def test_one_cd_step_decreases_the_loss_on_a_fixed_batch():
     assert after < before * 0.999
 
 
+# --- ODE regression: the official bidirectional recipe (clean past, masked loss) ---------------------------------
+
+class RecordingZeroVelocity(torch.nn.Module):
+    """A stand-in student with v = 0, so x0_hat is its input; it records the per-frame t and the attention path."""
+
+    def __init__(self):
+        super().__init__()
+        self.p = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, x, t, ctx, **path):
+        self.calls.append((t.clone(), path))
+        return self.p * x  # zero velocity, but the loss still has a graph
+
+
+def ode_batch(B=16, F=6, seed=0):
+    """Stored points j = 0..3 filled with the constant j + 1, the endpoint (j = 4) with -1; the gt clip with 7."""
+    states = torch.arange(1.0, 6.0).view(1, 5, 1, 1, 1, 1).expand(B, 5, F, 3, 4, 4).clone()
+    states[:, 4] = -1.0
+    return states, torch.full((B, F, 3, 4, 4), 7.0)
+
+
+def test_bidirectional_ode_loss_is_masked_to_noisy_blocks_and_sees_a_clean_past():
+    """Official recipe (Self Forcing ode_regression): one point per block over the 4 noisy states and the clean
+    endpoint (t = 0), block-causal path, MSE averaged over the frames with t != 0 only."""
+    student, shift = RecordingZeroVelocity(), 2.0
+    t_list = M.warped_steps(4, shift) + [0.0]
+    states, gt = ode_batch()
+    loss = ode_init.ode_regression_loss(student, (states, gt), None, "bidirectional", 1, shift,
+                                        torch.Generator().manual_seed(1))
+    t, path = student.calls[-1]
+    assert path == dict(frames_per_block=1)  # no ground-truth context: the noisy prefix of the same trajectory
+    k = torch.tensor([[t_list.index(v) for v in row] for row in t.tolist()])  # (B, F) stored point per frame
+    noisy = k < 4
+    assert 0 < noisy.float().mean() < 1  # both kinds occur in this batch
+    # v = 0: x0_hat = the input state (value k + 1), target -1, so each noisy frame's error is (k + 2)^2
+    expected = ((k[noisy] + 2.0) ** 2).mean()
+    assert torch.allclose(loss, expected.float())
+    # the clean frames carry no loss: changing their (equal) input and target leaves the loss unchanged
+    states2 = states.clone()
+    states2[:, 4] = -1.0
+    states2[:, 4][~noisy] = 123.0
+    student2 = RecordingZeroVelocity()
+    loss2 = ode_init.ode_regression_loss(student2, (states2, gt), None, "bidirectional", 1, shift,
+                                         torch.Generator().manual_seed(1))
+    assert torch.equal(student2.calls[-1][0], t)
+    # only the endpoint of the clean frames changed; the noisy frames' targets did not
+    assert torch.allclose(loss2, expected.float())
+
+
+def test_ode_points_per_block_clean_at_one_in_five_never_for_the_noisy_prefix_ablation_or_the_ar_teacher():
+    shift, B, F = 2.0, 64, 6
+    states, gt = ode_batch(B, F)
+    rates = {}
+    for kind, noisy_prefix in (("bidirectional", False), ("bidirectional", True), ("ar", False)):
+        student, g = RecordingZeroVelocity(), torch.Generator().manual_seed(0)
+        for _ in range(40):
+            ode_init.ode_regression_loss(student, (states, gt), None, kind, 3 if kind == "ar" else 1, shift, g,
+                                         noisy_prefix=noisy_prefix)
+        t = torch.stack([c[0] for c in student.calls])  # (40, B, F)
+        rates[kind, noisy_prefix] = (t == 0).float().mean().item()
+        if kind == "ar":  # one point for all frames, with the ground truth as clean context
+            assert (t == t[..., :1]).all() and "clean" in student.calls[-1][1]
+        else:  # one point per block: frames of a clip differ
+            assert (t != t[..., :1]).any()
+    # 40 x 64 x 6 = 15,360 draws at p = 0.2: s.e. 0.003
+    assert abs(rates["bidirectional", False] - 0.2) < 0.015
+    assert rates["bidirectional", True] == 0 and rates["ar", False] == 0
+
+
+def test_ode_loss_with_every_block_clean_is_zero_not_nan():
+    student = RecordingZeroVelocity()
+    states, gt = ode_batch(B=1, F=1)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):  # a 1-frame clip is clean with p = 0.2 per draw
+        loss = ode_init.ode_regression_loss(student, (states, gt), None, "bidirectional", 1, 2.0, g)
+        if student.calls[-1][0].item() == 0:
+            assert loss.item() == 0.0
+            loss.backward()  # still a graph
+            return
+    pytest.fail("no clean draw in 20 tries")
+
+
 # --- scripts ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture
@@ -118,6 +201,9 @@ def test_smoke_ode_init_both_teachers_and_pair_mismatch(tiny_teachers):
         assert set(metrics) == {1, 2, 4}
         student, ckpt = ode_init.load_student(str(tiny_teachers), teacher)
         assert ckpt["stage"] == ode_init.stage_name(teacher) and ckpt["pair_bytes"] > 0
+    # the noisy-prefix ablation reads the same pairs and writes its own student
+    ode_init.train(stage2_run(tiny_teachers, teacher="bidirectional", noisy_prefix=True))
+    assert os.path.exists(tiny_teachers / "bidirectional_ode_noisy_prefix.pt")
     pairs = torch.load(ode_init.pairs_path(stage2_run(tiny_teachers)), weights_only=False)
     assert pairs["states"].shape == (8, 5, 6, 3, 16, 16)
     # the same pair file read by a run with another CFG weight: refused, naming what differs

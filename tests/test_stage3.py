@@ -226,7 +226,8 @@ def test_smoke_dmd_resume_and_errors(tiny_teachers):
     dmd.train(dmd_run(tiny_teachers, num_steps=2, gen_updates=3, resume=True))
     ckpt = M.load_checkpoint(path, stage="dmd")
     assert ckpt["iteration"] == 6 and [r["update"] for r in ckpt["log"]] == [0, 1, 2, 3]
-    with pytest.raises(ValueError, match=r"other settings.*'lr': \(2e-05, 0.001\)"):
+    assert {"area", "next_off", "own_off", "gap"} <= set(ckpt["log"][0]) and len(ckpt["log"][0]["area"]) == 6
+    with pytest.raises(ValueError, match=r"other settings.*'lr': \(2e-06, 0.001\)"):
         dmd.train(dmd_run(tiny_teachers, num_steps=2, gen_updates=4, resume=True, lr=1e-3))
     # the DMD generator streams through the CLI with its own step count
     clip = S.main(["--ckpt", path, "--frames", "4", "--no-speed", "--out", str(tiny_teachers / "d.gif")])

@@ -9,6 +9,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import toy_data as td  # noqa: E402
+toy_data = td
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +264,36 @@ def test_save_video_mp4_needs_imageio_ffmpeg(tmp_path):
     else:
         td.save_video(tmp_path / "clips.mp4", td.sample_clips(2, seed=0)[0])
         assert (tmp_path / "clips.mp4").stat().st_size > 0
+
+
+def test_own_step_report_is_zero_on_real_clips_and_flags_a_frame_that_breaks_the_motion():
+    clips, prompts = toy_data.sample_clips(64, seed=5)
+    assert toy_data.own_step_report(clips, prompts)["off"] == 0.0
+    broken = clips.clone()
+    broken[:, 3] = clips[:, 2]  # frame 3 repeats frame 2: the shape stops for a frame
+    r = toy_data.own_step_report(broken, prompts)
+    # frame 2 is untouched; frame 3 is off on both axes (a 1 px step expected, 0 seen); frames 4 and 5 continue a
+    # past that now contains the stop, so they are off too except where a bounce happens to cancel it
+    assert r["per_frame"][:2] == [0.0, 1.0] and min(r["per_frame"][2:]) > 0.5
+    empty = clips.clone()
+    empty[:, 5] = -1.0  # an empty frame counts as off
+    assert toy_data.own_step_report(empty, prompts)["per_frame"][-1] == 1.0
+
+
+def test_next_block_report_scores_the_continuation_of_the_real_past():
+    def oracle(prefix, noise, prompts):  # re-render the true next frame from the prompts' trajectories
+        traj = toy_data.sample_trajectories(len(prompts), seed=4321, prompts=prompts)
+        i = prefix.shape[1]
+        return toy_data.render(traj["shape"], traj["colour"], traj["pos"])[:, i:i + noise.shape[1]]
+    r = toy_data.next_block_report(oracle, 36, 1)
+    assert r["off"] == 0.0 and r["rms"] < 0.15 and r["frames"] == (2, 5)
+    copy_last = lambda prefix, noise, prompts: prefix[:, -1:]  # a model that never moves the shape
+    assert toy_data.next_block_report(copy_last, 36, 1)["off"] == 1.0
+    assert toy_data.next_block_report(oracle, 36, 3)["frames"] == (3, 5)
+
+
+def test_area_per_frame_is_the_mean_foreground_area():
+    clips, prompts = toy_data.sample_clips(9, seed=0, prompts=toy_data.PROMPTS)
+    area = toy_data.area_per_frame(clips)
+    fg = (clips.max(2).values > 0).float().sum((-1, -2)).mean(0)
+    assert area.shape == (6,) and torch.equal(area, fg)
