@@ -253,3 +253,18 @@ def test_per_frame_report_prints_students_and_targets(tiny_teachers, capsys):
     lines = [l for l in out if l.startswith("bidirectional_ode ")]
     assert [l.split("|")[0].split()[1] for l in lines] == ["targets", "1-step", "4-step"]
     assert all(l.count(",") == 2 * 5 for l in lines)  # 6 values (5 commas) in each of the two lists
+
+
+def test_injectivity_figure_is_drawn_with_every_panel_measured(tiny_teachers, monkeypatch):
+    monkeypatch.chdir(tiny_teachers)
+    coarse = ode_init.gmm_ode  # the miniature's ODE is tested on its own above; 20 steps keep this test fast
+    monkeypatch.setattr(ode_init, "gmm_ode", lambda eps, means, var: coarse(eps, means, var, n_steps=20))
+    monkeypatch.setattr(ode_init, "FIGURE_STEPS", 4)  # the teachers' samplers: same code, fewer steps
+    for teacher in ("ar", "bidirectional"):
+        ode_init.train(stage2_run(tiny_teachers, teacher=teacher))
+    summary = ode_init.plot_injectivity(stage2_run(tiny_teachers, plot=True), path="fig.png", K=3)
+    assert (tiny_teachers / "fig.png").stat().st_size > 10_000
+    assert summary["variance"]["AR teacher"] == [0.0] * 6  # frame-level injectivity, exactly
+    assert min(summary["variance"]["bidirectional teacher"][:5]) > 0  # the last frame has no future
+    for key in ("train_inputs", "stream", "targets"):
+        assert {len(v) for v in summary[key].values()} == {6}
