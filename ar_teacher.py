@@ -45,7 +45,7 @@ from toy_data import metric_line
 from model import (ema_update, DiT, PRESETS, ModelConfig, ScaleOptions, add_noise, autocast, count_parameters,
                    dry_run, load_checkpoint, loss_weight, make_optimizer, model_from_checkpoint, open_data,
                    limit_memory, parse_config, pick_device, prepare, report_memory, save_checkpoint, timestep_grid,
-                   wan_base)
+                   wan_base, x0_from_v)
 from sample_stream import sample_ar, sample_bidirectional
 
 
@@ -214,6 +214,34 @@ def next_frame_report(model, cfg, n, text, seed=4321):
     return toy_data.next_block_report(continue_clip, n, cfg.frames_per_block, seed=seed)
 
 
+@torch.no_grad()
+def denoiser_gap(model, cfg, text, n, seed=99, sigmas=(0.95, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3)):
+    """Where in noise level the teacher falls short of the best possible denoiser. The toy's data law is finite, so
+    E[x0 | x_t] is computed exactly (toy_data.exact_x0); on n real clips noised to each s, this returns
+    {s: (the model's x0 MSE, the exact denoiser's x0 MSE)} against the clean clips. The exact MSE is the floor:
+    large at s near 1 (the clip is not decided yet), 0 below s of about 0.7 (it is). The base is asked the
+    bidirectional question (every frame at s), the AR teacher the teacher-forcing one (clean past, block at s)."""
+    dev = next(model.parameters()).device
+    prompts = eval_prompts(n)
+    x0, _ = toy_data.sample_clips(n, seed=seed, prompts=prompts)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    ctx = text(prompts).to(dev)
+    out = {}
+    for s in sigmas:
+        t = torch.full(x0.shape[:2], 1000 * s)
+        x_t = add_noise(x0, eps, t)
+        path = {} if cfg.phase == "base" else dict(clean=x0.to(dev), frames_per_block=cfg.frames_per_block)
+        x0_model = x0_from_v(x_t.to(dev), model(x_t.to(dev), t.to(dev), ctx, **path), t.to(dev)).cpu()
+        past = None if cfg.phase == "base" else x0
+        x0_exact = toy_data.exact_x0(x_t, t[:, 0], prompts, past=past, frames_per_block=cfg.frames_per_block)
+        out[s] = ((x0_model - x0).pow(2).mean().item(), (x0_exact - x0).pow(2).mean().item())
+    return out
+
+
+def gap_line(gap):
+    return "  ".join(f"s {s}: {m:.3f}/{e:.3f}" for s, (m, e) in gap.items())
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -352,6 +380,7 @@ def train(cfg):
     print(f"{'real clips':>{len(name)}} | {metric_line(real)}")
     lo, hi = toy_data.accuracy_interval(acc, n)
     print(f"{'':>{len(name)}} | prompt accuracy {acc:.3f} over {n} clips, 95% interval {lo:.3f}-{hi:.3f} (Wilson)")
+    print(f"{'':>{len(name)}} | x0 MSE per noise level, model/exact denoiser: {gap_line(denoiser_gap(ema, cfg, data.text, 2 * cfg.eval_clips))}")
     if cfg.phase == "ar":
         nf = next_frame_report(ema, cfg, cfg.eval_clips, data.text)
         print(f"{'':>{len(name)}} | next block given the real past (frames {nf['frames'][0]}-{nf['frames'][1]}): "

@@ -188,6 +188,54 @@ def sample_clips(n, seed=None, generator=None, frames=FRAMES, prompts=None):
     return render(traj["shape"], traj["colour"], traj["pos"]), traj["prompts"]
 
 
+# -----------------------------------------------------------------------------
+# the exact denoiser: the toy's data law is finite, so E[x0 | x_t] is a softmax over every clip it can make
+
+_ALL_CLIPS = {}  # prompt -> every clip of that prompt (K, F, 3, SIZE, SIZE)
+
+
+def all_clips(prompt, frames=FRAMES):
+    """Every clip the toy can make for a prompt, each equally likely: every lattice start x 4 diagonal directions
+    (324 circles, 484 squares, 360 triangles per colour). (K, F, 3, SIZE, SIZE)."""
+    if (prompt, frames) not in _ALL_CLIPS:
+        colour, shape = parse_prompt(prompt)
+        lo, hi = HALF_EXTENT[shape], SIZE - HALF_EXTENT[shape]
+        axes = [torch.arange(float(lo[a]), float(hi[a]) + 1e-6) for a in range(2)]
+        p0 = torch.cartesian_prod(*axes).repeat_interleave(4, 0)  # (K, 2)
+        v = torch.tensor([[1.0, 1.0], [1.0, -1.0], [-1.0, 1.0], [-1.0, -1.0]]).repeat(len(p0) // 4, 1) * SPEED
+        t = torch.arange(frames, dtype=torch.float32)
+        pos = bounce(p0[:, None] + v[:, None] * t[None, :, None], lo, hi)  # (K, F, 2)
+        K = len(p0)
+        _ALL_CLIPS[prompt, frames] = render(torch.full((K,), shape), torch.full((K,), colour), pos)
+    return _ALL_CLIPS[prompt, frames]
+
+
+@torch.no_grad()
+def exact_x0(x_t, t, prompts, past=None, frames_per_block=1):
+    """The optimal denoiser of the toy, E[x0 | x_t, prompt], computed exactly: the data law is uniform over
+    all_clips(prompt), so x_t = (1 - s) x0 + s eps gives each candidate clip k the posterior weight
+    softmax_k(-|x_t - (1 - s) x0_k|^2 / (2 s^2)). A trained model's x0 prediction can be no better than this.
+    x_t (B, F, 3, H, W) with one t per clip (B,) in (0, 1000]: the bidirectional base's question.
+    past=clean (B, F, 3, H, W): the AR teacher's question instead: block i given its x_t and the clean blocks < i,
+    i.e. candidates must match the clean past exactly and only block i's noise counts."""
+    s = torch.as_tensor(t, dtype=torch.float32).reshape(-1) / 1000
+    out = torch.empty_like(x_t)
+    for b, prompt in enumerate(prompts):
+        X = all_clips(prompt, x_t.shape[1])  # (K, F, 3, H, W)
+        d2 = (x_t[b, None] - (1 - s[b]) * X).pow(2).flatten(2).sum(-1)  # (K, F) per-frame squared distances
+        if past is None:
+            w = torch.softmax(-d2.sum(1) / (2 * s[b] ** 2), 0)  # (K,)
+            out[b] = torch.einsum("k,kfchw->fchw", w, X)
+        else:
+            match = (X == past[b, None]).flatten(2).all(-1).long().cumsum(1)  # (K, F): frames 0..i all match
+            for i in range(0, x_t.shape[1], frames_per_block):
+                ok = match[:, i - 1] == i if i > 0 else torch.ones(len(X), dtype=torch.bool)
+                logp = torch.where(ok, -d2[:, i:i + frames_per_block].sum(1) / (2 * s[b] ** 2), -torch.inf)
+                w = torch.softmax(logp, 0)
+                out[b, i:i + frames_per_block] = torch.einsum("k,kfchw->fchw", w, X[:, i:i + frames_per_block])
+    return out
+
+
 class ToyData:
     """The toy world behind the interface every stage script trains on; model.LatentFolder is the Wan-scale one.
         batch(n, generator) -> x0 (n, F, C, H, W), text (n, L, text_dim), null text, prompts

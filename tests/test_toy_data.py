@@ -297,3 +297,21 @@ def test_area_per_frame_is_the_mean_foreground_area():
     area = toy_data.area_per_frame(clips)
     fg = (clips.max(2).values > 0).float().sum((-1, -2)).mean(0)
     assert area.shape == (6,) and torch.equal(area, fg)
+
+
+def test_exact_denoiser_known_answers():
+    """E[x0 | x_t] over the toy's finite law: the prompt's mean at pure noise; the clip itself once the clean past
+    determines it (frames >= 2 given frames < i), at any noise; the clip itself at low noise without a past."""
+    assert [len(toy_data.all_clips(p)) for p in ("red circle", "red square", "red triangle")] == [324, 484, 360]
+    clips, prompts = toy_data.sample_clips(6, seed=2)
+    noise = torch.randn(clips.shape, generator=torch.Generator().manual_seed(0))
+    pure = toy_data.exact_x0(noise, torch.full((6,), 1000.0), prompts)
+    for b, p in enumerate(prompts):
+        assert torch.allclose(pure[b], toy_data.all_clips(p).mean(0), atol=1e-5)
+    s = 0.99
+    x_t = (1 - s) * clips + s * noise
+    ar = toy_data.exact_x0(x_t, torch.full((6,), 1000 * s), prompts, past=clips)
+    assert torch.equal(ar[:, 2:], clips[:, 2:])  # 2 clean frames fix start and velocity
+    assert not torch.allclose(ar[:, 1], clips[:, 1], atol=0.1)  # frame 1: 4 directions still possible at s = 0.99
+    low = toy_data.exact_x0(0.8 * clips + 0.2 * noise, torch.full((6,), 200.0), prompts)
+    assert (low - clips).abs().max() < 1e-4

@@ -1,0 +1,196 @@
+"""tests/mutants.py — does the test suite catch real bugs? A curated list of one-line mutants (the bug classes an
+audit planted, and more), each applied alone to a temporary copy of the repository, with the tests run there.
+
+A mutant is *killed* when the tests fail with it and *survives* when they pass; a survivor is a bug the suite
+cannot see. A mutant whose original text is no longer found exactly once is an *error*: the list must be updated
+with the code, so it cannot rot silently. Not collected by pytest (no test_ prefix); importing it does nothing.
+
+    python tests/mutants.py --list                         # the mutants, one a line
+    python tests/mutants.py --fast --only cd_no_euler,dmd_critic_target_sign   # chosen ones, on their test files
+    python tests/mutants.py --fast                         # every mutant on its own test files (minutes)
+    python tests/mutants.py                                # every mutant on the whole suite (long: tens of minutes)
+
+The copy leaves out .git, runs/, checkpoints/ and caches; children run with OMP_NUM_THREADS=1 and without
+bytecode caches (a mutated file can have the original's size and mtime second). A timeout counts as killed and
+is shown as such. --baseline first checks that the unmutated copy passes (otherwise every mutant is "killed").
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import namedtuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Mutant = namedtuple("Mutant", "name file original replacement tests")
+
+L, R, E = "tests/test_losses.py", "tests/test_resume.py", "tests/test_equivalences.py"
+
+MUTANTS = [
+    # --- the losses -------------------------------------------------------------------------------------------
+    Mutant("fm_target_sign", "ar_teacher.py", "per_frame = (v - (eps - x0)).pow(2)",
+           "per_frame = (v - (x0 - eps)).pow(2)", [L]),
+    Mutant("fm_weight_ignored", "ar_teacher.py", "per_frame = loss_weight(t.cpu(), shift).to(v.device) * per_frame",
+           "per_frame = per_frame", [L]),
+    Mutant("bell_weight_wrong", "model.py", "bell = lambda u: torch.exp(-2 * ((u - 500) / 1000) ** 2)",
+           "bell = lambda u: torch.exp(-1 * ((u - 500) / 1000) ** 2)", [L, "tests/test_model.py"]),
+    Mutant("cd_no_euler", "causal_cd.py", "x_next = euler_step(x_t, v, t, t_next)", "x_next = x_t", [L]),
+    Mutant("cd_no_cfg", "causal_cd.py", "v = cfg_velocity(teacher, x_t, tt, ctx, ctx_null, guidance, **tf)",
+           "v = teacher(x_t, tt, ctx, **tf)", [L]),
+    Mutant("cd_target_at_t", "causal_cd.py", "ema(x_next, tt_next, ctx, **tf)", "ema(x_next, tt, ctx, **tf)", [L]),
+    Mutant("cd_target_from_student", "causal_cd.py", "ema(x_next, tt_next, ctx, **tf)",
+           "student(x_next, tt_next, ctx, **tf)", [L]),
+    Mutant("ode_ar_no_clean_context", "ode_init.py",
+           "path = dict(clean=x0_gt, frames_per_block=frames_per_block) if teacher_kind == \"ar\" else",
+           "path = dict(frames_per_block=frames_per_block) if teacher_kind == \"ar\" else", [L]),
+    Mutant("dmd_g_sign", "dmd.py", "g = torch.nan_to_num((x0_fake - x0_real) / norm)",
+           "g = torch.nan_to_num((x0_real - x0_fake) / norm)", [L]),
+    Mutant("dmd_real_score_no_cfg", "dmd.py", "cfg_velocity(real, x_t, t, ctx, ctx_null, guidance)",
+           "real(x_t, t, ctx)", [L]),
+    Mutant("dmd_critic_target_sign", "dmd.py", "return (critic(x_t, t, ctx) - (eps - x)).pow(2).mean()",
+           "return (critic(x_t, t, ctx) - (x - eps)).pow(2).mean()", [L]),
+    # --- the updates ------------------------------------------------------------------------------------------
+    Mutant("ema_decay_inverted", "model.py", "p_ema.lerp_(p, 1 - decay)", "p_ema.lerp_(p, decay)", [L]),
+    Mutant("lean_no_momentum_bias_correction", "model.py", "g = m / (1 - b1 ** n)", "g = m", [L]),
+    Mutant("lean_no_second_moment_bias_correction", "model.py", "update = g / ((v / (1 - b2 ** n)).sqrt() + eps)",
+           "update = g / (v.sqrt() + eps)", [L]),
+    Mutant("lean_no_weight_decay", "model.py", "w.mul_(1 - lr * wd).add_(update, alpha=-lr)",
+           "w.add_(update, alpha=-lr)", [L]),
+    # --- the schedule -----------------------------------------------------------------------------------------
+    Mutant("add_noise_swapped", "model.py", "return (1 - s) * x0 + s * eps", "return s * x0 + (1 - s) * eps",
+           [L, "tests/test_model.py"]),
+    Mutant("x0_from_v_sign", "model.py", "return x_t - _sigma(t, x_t) * v", "return x_t + _sigma(t, x_t) * v",
+           [L, "tests/test_model.py"]),
+    Mutant("euler_step_sign", "model.py", "return x_t - (_sigma(t, x_t) - _sigma(t_next, x_t)) * v",
+           "return x_t + (_sigma(t, x_t) - _sigma(t_next, x_t)) * v", [L, "tests/test_model.py"]),
+    Mutant("time_embedding_sin_first", "model.py",
+           "return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).float()",
+           "return torch.cat([torch.sin(args), torch.cos(args)], dim=-1).float()", ["tests/test_model.py"]),
+    # --- the DiT block and head -------------------------------------------------------------------------------
+    Mutant("adaln_attn_shift_scale_swapped", "model.py", "modulate(self.norm1(x), m0, m1, nF)",
+           "modulate(self.norm1(x), m1, m0, nF)", [E]),
+    Mutant("adaln_ffn_shift_scale_swapped", "model.py", "modulate(self.norm2(x), m3, m4, nF)",
+           "modulate(self.norm2(x), m4, m3, nF)", [E]),
+    Mutant("attn_gate_is_ffn_gate", "model.py", "x = x + gate(y.float(), m2, nF)", "x = x + gate(y.float(), m5, nF)",
+           [E]),
+    Mutant("cross_attn_norm_without_affine", "model.py", "self.cross_attn(self.norm3(x), context, cross_kv)",
+           "self.cross_attn(self.norm2(x), context, cross_kv)", [E]),
+    Mutant("head_shift_scale_swapped", "model.py", "modulate(self.norm(x), h0, h1, e.shape[1])",
+           "modulate(self.norm(x), h1, h0, e.shape[1])", [E]),
+    # --- initialisation and stage-1 inputs --------------------------------------------------------------------
+    Mutant("stages_load_raw_weights_not_ema", "ar_teacher.py",
+           "return model_from_checkpoint(ckpt, key=\"ema\", device=device).eval(), ckpt",
+           "return model_from_checkpoint(ckpt, key=\"model\", device=device).eval(), ckpt", [R]),
+    Mutant("ar_weighting_swapped", "ar_teacher.py", "== \"bell\"", "!= \"bell\"", [R]),
+    Mutant("teacher_forcing_without_clean_context", "ar_teacher.py", "path_kw = dict(clean=x0, frames_per_block=fpb)",
+           "path_kw = dict(frames_per_block=fpb)", [R]),
+    Mutant("cd_target_network_from_base", "causal_cd.py", "ema = copy.deepcopy(teacher)",
+           "ema = ar_teacher.load_teacher(cfg.out_dir, \"base\", device=device)[0]", [R]),
+    Mutant("dmd_critic_from_generator", "dmd.py", "critic = prepare(copy.deepcopy(real),",
+           "critic = prepare(copy.deepcopy(generator),", [R]),
+    # --- resume -----------------------------------------------------------------------------------------------
+    Mutant("ar_resume_no_ema", "ar_teacher.py", "ema.load_state_dict(ckpt[\"ema\"])", "None", [R]),
+    Mutant("ar_resume_no_noise_rng", "ar_teacher.py", "noise_gen.set_state(ckpt[\"noise_gen\"])", "None", [R]),
+    Mutant("ode_resume_no_rng", "ode_init.py", "gen.set_state(ckpt[\"gen\"])", "None", [R]),
+    Mutant("cd_resume_no_rng", "causal_cd.py", "data_gen.set_state(ckpt[\"data_gen\"])", "None", [R]),
+    Mutant("cd_resume_no_ema", "causal_cd.py",
+           "student.load_state_dict(ckpt[\"model\"]), ema.load_state_dict(ckpt[\"ema\"])",
+           "student.load_state_dict(ckpt[\"model\"])", [R]),
+    Mutant("dmd_resume_no_critic_optimizer", "dmd.py", ", opt_c.load_state_dict(ckpt[\"optimizer_critic\"])", "",
+           [R]),
+    Mutant("dmd_resume_no_ema", "dmd.py", "ema.load_state_dict(ckpt[\"ema\"])", "None", [R]),
+    Mutant("dmd_resume_no_rng", "dmd.py", "gen.set_state(ckpt[\"rng\"])", "None", [R]),
+    # --- sampling, I2V, evaluator, speed ----------------------------------------------------------------------
+    Mutant("stream_no_refresh", "sample_stream.py", "model(x0_hat.detach(), torch.zeros(",
+           "(lambda *a, **k: None)(x0_hat.detach(), torch.zeros(", ["tests/test_stage3.py"]),
+    Mutant("i2v_image_not_written", "sample_stream.py",
+           "self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame)", "None", [E]),
+    Mutant("evaluator_ignores_reference", "toy_data.py",
+           "ref = default_reference(clips.shape[1]) if reference is None else reference",
+           "ref = default_reference(clips.shape[1])", [E]),
+    Mutant("cache_speedup_inverted", "sample_stream.py", "cache_speedup=res[\"fps\"] / (frames / best)",
+           "cache_speedup=(frames / best) / res[\"fps\"]", [E]),
+    Mutant("cache_speedup_printed_inverted", "sample_stream.py", "{s['cache_speedup']:.1f}x",
+           "{1 / s['cache_speedup']:.1f}x", [E]),
+    Mutant("per_frame_latency_ignores_block_size", "sample_stream.py",
+           "per_frame_s=sum(later) / (len(later) * frames_per_block)", "per_frame_s=sum(later) / len(later)", [E]),
+]
+
+
+def copy_repo(dest):
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(".git", "runs", "checkpoints", "__pycache__",
+                                                              ".pytest_cache", "outputs", "*.tmp"))
+
+
+def run_tests(repo, files, timeout):
+    """(outcome, seconds): 'passed' / 'failed' / 'timeout' of pytest -x in `repo` on `files` (all when empty)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *files]
+    t0 = time.time()
+    try:
+        rc = subprocess.run(cmd, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        return "timeout", time.time() - t0
+    return ("passed" if rc == 0 else "failed"), time.time() - t0
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--fast", action="store_true", help="run each mutant only on its own test files")
+    p.add_argument("--only", default="", help="comma-separated mutant names")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per mutant (default 120 fast, 900 full)")
+    p.add_argument("--baseline", action="store_true", help="first check that the unmutated copy passes")
+    p.add_argument("--list", action="store_true", help="print the mutants and exit")
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - {m.name for m in MUTANTS}
+    if unknown:
+        p.error(f"unknown mutants {sorted(unknown)}; see --list")
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:40s} {m.file:18s} {' '.join(m.tests)}")
+        return 0
+    timeout = args.timeout or (120 if args.fast else 900)
+
+    with tempfile.TemporaryDirectory(prefix="mutants_") as tmp:
+        repo = os.path.join(tmp, "repo")
+        copy_repo(repo)
+        if args.baseline:
+            files = sorted({f for m in chosen for f in m.tests}) if args.fast else []
+            outcome, secs = run_tests(repo, files, timeout)
+            print(f"baseline (no mutant): {outcome} in {secs:.0f} s")
+            if outcome != "passed":
+                return 2
+        print(f"{'mutant':40s} {'result':10s} {'seconds':>8s}")
+        killed, rows = 0, []
+        for m in chosen:
+            path = os.path.join(repo, m.file)
+            with open(path) as f:
+                source = f.read()
+            n = source.count(m.original)
+            if n != 1:
+                rows.append((m.name, "error", 0.0))
+                print(f"{m.name:40s} {'ERROR':10s} {0:8.1f}  original text found {n} times in {m.file}")
+                continue
+            with open(path, "w") as f:
+                f.write(source.replace(m.original, m.replacement))
+            try:
+                outcome, secs = run_tests(repo, m.tests if args.fast else [], timeout)
+            finally:
+                with open(path, "w") as f:
+                    f.write(source)
+            result = {"failed": "killed", "timeout": "killed (timeout)", "passed": "SURVIVED"}[outcome]
+            killed += outcome != "passed"
+            rows.append((m.name, result, secs))
+            print(f"{m.name:40s} {result:10s} {secs:8.1f}", flush=True)
+        errors = sum(r[1] == "error" for r in rows)
+        print(f"score: {killed}/{len(chosen)} killed" + (f" ({errors} errors: original text not found)" if errors else ""))
+    return 0 if killed == len(chosen) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""Each stage script starts from the weights the SPEC names, and an interrupted-and-resumed run of it equals an
+uninterrupted one in everything it saves: model, EMA, critic, both optimizers, step, history and RNG state.
+Tiny toy models (the smoke tests' presets); each stage's closing evaluation is stubbed out, since neither fact
+depends on it."""
+import shutil
+
+import pytest
+import torch
+
+import ar_teacher
+import causal_cd
+import dmd
+import model as M
+import ode_init
+import toy_data
+from test_ar_teacher import tiny_run
+
+TINY = M.ModelConfig(**{**M.PRESETS["toy"].__dict__, "dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2})
+FAKE_METRICS = dict(blur=0.5, second_moment=0.5, prompt_acc=0.5, motion=1.0, motion_gap=0.4, physics=0.3, fd=9.0)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    """A tiny base and AR teacher, trained once for the module; tests copy them into their own folder."""
+    root = tmp_path_factory.mktemp("teachers")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(M.PRESETS, "toy", TINY)
+        ar_teacher.train(tiny_run(root, phase="base"))
+        ar_teacher.train(tiny_run(root, phase="ar"))
+    return root
+
+
+@pytest.fixture
+def run_dir(teachers, tmp_path, monkeypatch):
+    for name in ("base.pt", "ar_teacher.pt"):
+        shutil.copy(teachers / name, tmp_path / name)
+    monkeypatch.setitem(M.PRESETS, "toy", TINY)
+    # the closing evaluations (sampling + the evaluator) take most of a tiny run's time and no part in these facts
+    monkeypatch.setattr(causal_cd, "toy_few_step_report", lambda *a, **k: {})
+    monkeypatch.setattr(ode_init, "toy_few_step_report", lambda *a, **k: {})
+    monkeypatch.setattr(dmd, "toy_few_step_samples",
+                        lambda model, n, *a, **k: (torch.zeros(n, toy_data.FRAMES, 3, 16, 16), toy_data.PROMPTS[:1] * n))
+    monkeypatch.setattr(toy_data, "evaluate", lambda clips, prompts, reference=None: dict(FAKE_METRICS))
+    return tmp_path
+
+
+def first_call(monkeypatch, module, name, record):
+    """Wrap module.name so that its first call records record(*args) (before any update), then runs as usual."""
+    real, seen = getattr(module, name), []
+
+    def wrapper(*a, **k):
+        if not seen:
+            seen.append(record(*a, **k))
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, wrapper)
+    return seen
+
+
+def state(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def assert_same_state(a, b, what):
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert torch.equal(a[k].float(), b[k].float()), f"{what}: {k}"
+
+
+def differs(a, b):
+    return any(not torch.equal(a[k], b[k]) for k in a)
+
+
+# --- initialisation --------------------------------------------------------------------------------------------
+
+def test_ar_teacher_starts_from_the_bases_ema_weights(run_dir, monkeypatch):
+    """Stage 1's model and its EMA, at the first step, are the base checkpoint's EMA weights (not its raw ones)."""
+    base = M.load_checkpoint(str(run_dir / "base.pt"))
+    assert differs(base["ema"], base["model"])  # so the test can tell the two apart
+    seen_model = first_call(monkeypatch, ar_teacher, "flow_matching_loss", lambda model, *a, **k: state(model))
+    seen_ema = first_call(monkeypatch, ar_teacher, "ema_update", lambda ema, model, decay: state(ema))
+    ar_teacher.train(tiny_run(run_dir, phase="ar", ar_steps=1))
+    assert_same_state(seen_model[0], base["ema"], "AR model at step 0")
+    assert_same_state(seen_ema[0], base["ema"], "AR EMA at step 0")
+
+
+@pytest.mark.parametrize("phase, kw, path_keys, weighted", [
+    ("base", {}, set(), False),  # stage 0: bidirectional, plain flow matching
+    ("ar", {}, {"clean", "frames_per_block"}, True),  # stage 1: teacher forcing, the official bell weight
+    ("ar", dict(ar_weighting="uniform"), {"clean", "frames_per_block"}, False),
+    ("ar", dict(diffusion_forcing=True), {"frames_per_block"}, True),  # the ablation: no clean context
+])
+def test_stage_0_1_loss_inputs(run_dir, monkeypatch, phase, kw, path_keys, weighted):
+    """train() feeds flow_matching_loss the attention path and weighting of its phase: teacher forcing gets the
+    batch's own ground truth as clean context, diffusion forcing none, the base neither."""
+    seen = first_call(monkeypatch, ar_teacher, "flow_matching_loss",
+                      lambda model, x0, ctx, t, eps, shift, w, **path: (x0.clone(), w, path))
+    ar_teacher.train(tiny_run(run_dir, phase=phase, base_steps=1, ar_steps=1, **kw))
+    x0, w, path = seen[0]
+    assert set(path) == path_keys and w is weighted
+    if "clean" in path:
+        assert torch.equal(path["clean"], x0) and path["frames_per_block"] == 1
+
+
+def test_causal_cd_student_ema_and_teacher_start_from_the_ar_teacher(run_dir, monkeypatch):
+    ar = M.load_checkpoint(str(run_dir / "ar_teacher.pt"))
+    assert differs(ar["ema"], ar["model"])
+    seen = first_call(monkeypatch, causal_cd, "cd_loss",
+                      lambda student, ema, teacher, *a, **k: (state(student), state(ema), state(teacher)))
+    causal_cd.train(causal_cd.Config(steps=1, batch_size=2, warmup=1, out_dir=str(run_dir)))
+    for name, got in zip(("student", "EMA", "teacher"), seen[0]):
+        assert_same_state(got, ar["ema"], f"CD {name} at step 0")
+
+
+def test_dmd_critic_starts_from_the_base_and_generator_from_its_init(run_dir, monkeypatch):
+    base = M.load_checkpoint(str(run_dir / "base.pt"))
+    ar = M.load_checkpoint(str(run_dir / "ar_teacher.pt"))
+    seen_scores = first_call(monkeypatch, dmd, "dmd_loss",
+                             lambda x, real, critic, *a, **k: (state(real), state(critic)))
+    seen_gen = first_call(monkeypatch, dmd, "rollout", lambda generator, *a, **k: state(generator))
+    dmd.train(dmd.Config(init="ar_teacher", num_steps=2, gen_updates=1, critic_ratio=1, batch_size=2,
+                         out_dir=str(run_dir)))
+    real, critic = seen_scores[0]
+    assert_same_state(real, base["ema"], "DMD real score")
+    assert_same_state(critic, base["ema"], "DMD critic at update 0")
+    assert_same_state(seen_gen[0], ar["ema"], "DMD generator at update 0")
+
+
+# --- exact resume ------------------------------------------------------------------------------------------------
+
+def dies_at(monkeypatch, module, name, n):
+    """module.name raises KeyboardInterrupt (a simulated kill) on its n-th call."""
+    real, calls = getattr(module, name), [0]
+
+    def wrapper(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt("simulated kill -9")
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, wrapper)
+    return real
+
+
+def assert_same(a, b, path="checkpoint"):
+    """Recursive exact equality of saved objects: tensors bit for bit, dicts, lists, numbers."""
+    if torch.is_tensor(a):
+        assert torch.is_tensor(b) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{path}: keys {set(a) ^ set(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def interrupted_then_resumed(monkeypatch, train, cfg, path, module, loss_name, die_at, keys):
+    """Run cfg straight through; then again from scratch, killed inside the loss of call `die_at` (after a
+    checkpoint), then resumed. The two final checkpoints must agree on `keys`."""
+    train(cfg)
+    straight = M.load_checkpoint(path)
+    shutil.move(path, path + ".straight")
+    real = dies_at(monkeypatch, module, loss_name, die_at)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    killed_at = M.load_checkpoint(path)
+    monkeypatch.setattr(module, loss_name, real)
+    train(type(cfg)(**{**cfg.__dict__, "resume": True}))
+    resumed = M.load_checkpoint(path)
+    for k in keys:
+        assert_same(straight[k], resumed[k], k)
+    return killed_at, resumed
+
+
+def test_ar_teacher_resume_restores_everything(run_dir, monkeypatch):
+    cfg = tiny_run(run_dir, phase="ar", ar_steps=4, ckpt_every=2)
+    killed, _ = interrupted_then_resumed(
+        monkeypatch, ar_teacher.train, cfg, str(run_dir / "ar_teacher.pt"), ar_teacher, "flow_matching_loss", 3,
+        ["model", "ema", "optimizer", "step", "history", "data_gen", "noise_gen"])
+    assert killed["step"] == 2
+
+
+def test_ode_init_ar_resume_restores_everything(run_dir, monkeypatch):
+    cfg = ode_init.Config(teacher="ar", num_pairs=8, steps=4, batch_size=4, warmup=1, ckpt_every=2,
+                          out_dir=str(run_dir))
+    killed, _ = interrupted_then_resumed(
+        monkeypatch, ode_init.train, cfg, ode_init.student_path(cfg), ode_init, "ode_regression_loss", 3,
+        ["model", "ema", "optimizer", "step", "history", "gen"])
+    assert killed["step"] == 2
+
+
+def test_causal_cd_resume_restores_everything(run_dir, monkeypatch):
+    cfg = causal_cd.Config(steps=4, batch_size=2, warmup=3, ckpt_every=2, out_dir=str(run_dir))
+    killed, _ = interrupted_then_resumed(
+        monkeypatch, causal_cd.train, cfg, causal_cd.checkpoint_path(cfg), causal_cd, "cd_loss", 3,
+        ["model", "ema", "optimizer", "step", "history", "data_gen"])
+    assert killed["step"] == 2
+
+
+def test_dmd_resume_restores_everything(run_dir, monkeypatch):
+    # 4 generator updates, 2 critic updates each, checkpoint every 2: killed in the critic update of iteration 5
+    # (after the generator update of iteration 4, itself after the iteration-4 checkpoint). The EMA starts at
+    # update 1, so by the checkpoint it is no longer a copy of the generator and must be restored itself.
+    cfg = dmd.Config(init="ar_teacher", num_steps=2, gen_updates=4, critic_ratio=2, batch_size=2, ema_start=1,
+                     ema_decay=0.5, ckpt_every=2, eval_every=100, out_dir=str(run_dir))
+    killed, resumed = interrupted_then_resumed(
+        monkeypatch, dmd.train, cfg, dmd.checkpoint_path(cfg), dmd, "critic_loss", 6,
+        ["model", "ema", "ema_started", "critic", "optimizer", "optimizer_critic", "rng", "iteration", "log"])
+    assert killed["iteration"] == 4 and resumed["iteration"] == 8 and resumed["ema_started"]
+    assert differs(resumed["ema"], resumed["model"])  # the EMA is its own state, not a copy of the generator
