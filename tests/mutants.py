@@ -116,6 +116,19 @@ MUTANTS = [
            "{1 / s['cache_speedup']:.1f}x", [E]),
     Mutant("per_frame_latency_ignores_block_size", "sample_stream.py",
            "per_frame_s=sum(later) / (len(later) * frames_per_block)", "per_frame_s=sum(later) / len(later)", [E]),
+    # --- the bidirectional-ODE recipe and the exposure-bias / exact-denoiser measurements ------------------------
+    Mutant("ode_bidir_loss_not_masked", "ode_init.py", "return (x0_hat[mask] - states[:, -1][mask]).pow(2).mean()",
+           "return (x0_hat - states[:, -1]).pow(2).mean()", ["tests/test_stage2.py"]),
+    Mutant("ode_bidir_never_clean", "ode_init.py", "n_points = 4 if teacher_kind == \"ar\" or noisy_prefix else 5",
+           "n_points = 4", ["tests/test_stage2.py"]),
+    Mutant("own_step_no_bounce", "toy_data.py",
+           "pred = torch.where(pred > hi, 2 * hi - pred, torch.where(pred < lo, 2 * lo - pred, pred))", "pred = pred",
+           ["tests/test_toy_data.py"]),
+    Mutant("exact_x0_ignores_the_past", "toy_data.py",
+           "ok = match[:, i - 1] == i if i > 0 else torch.ones(len(X), dtype=torch.bool)",
+           "ok = torch.ones(len(X), dtype=torch.bool)", ["tests/test_toy_data.py"]),
+    Mutant("exact_x0_wrong_noise_scale", "toy_data.py", "w = torch.softmax(-d2.sum(1) / (2 * s[b] ** 2), 0)",
+           "w = torch.softmax(-d2.sum(1) / (2 * s[b]), 0)", ["tests/test_toy_data.py"]),
 ]
 
 

@@ -315,3 +315,18 @@ def test_exact_denoiser_known_answers():
     assert not torch.allclose(ar[:, 1], clips[:, 1], atol=0.1)  # frame 1: 4 directions still possible at s = 0.99
     low = toy_data.exact_x0(0.8 * clips + 0.2 * noise, torch.full((6,), 200.0), prompts)
     assert (low - clips).abs().max() < 1e-4
+
+
+def test_exact_denoiser_equals_bayes_rule_with_gaussian_likelihoods():
+    """At a noise level where the posterior is spread over many clips, exact_x0 equals the posterior mean computed
+    independently from torch.distributions.Normal log-likelihoods of x_t under each candidate clip."""
+    clips, prompts = toy_data.sample_clips(2, seed=4)
+    s = 0.9
+    x_t = (1 - s) * clips + s * torch.randn(clips.shape, generator=torch.Generator().manual_seed(1))
+    out = toy_data.exact_x0(x_t, torch.full((2,), 1000 * s), prompts)
+    for b, p in enumerate(prompts):
+        X = toy_data.all_clips(p).double()
+        logp = torch.distributions.Normal((1 - s) * X, s).log_prob(x_t[b].double()).flatten(1).sum(1)
+        w = torch.softmax(logp, 0)
+        assert w.max() < 0.9  # a spread posterior: the test can see the noise scale
+        assert torch.allclose(out[b].double(), torch.einsum("k,k...->...", w, X), atol=1e-4)
