@@ -83,6 +83,8 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     lr: float = 2e-6  # generator (official 2e-6)
     lr_critic: float = 4e-7  # official 4e-7: the critic moves 5x slower per update than the generator
     real_guidance: float = 4.0  # CFG of the real score, uncond + w (cond - uncond) (= official cond + 3 (c - u))
+    real_score: str = "base"  # toy: "base" (the trained bidirectional base, as officially Wan) or "exact" (the toy's
+    # exact data score, toy_data.ExactScore: DMD against a perfect teacher; use it with --real-guidance 1)
     min_t: float = 20.0  # DMD timesteps are clamped to [min_t, max_t] (official 20 / 980)
     max_t: float = 980.0
     ema_decay: float = 0.95  # official 0.99 over ~200 updates; a 50-update toy run needs a shorter memory
@@ -179,6 +181,9 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.num_steps not in (1, 2, 4):
         raise ValueError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
+    if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and cfg.data != "toy"):
+        raise ValueError(f"--real-score must be 'base' or, on the toy only (its data law is known), 'exact' "
+                         f"(got {cfg.real_score!r} with --data {cfg.data})")
     generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device)
     data = open_data(cfg.data, generator.cfg, cfg.clip_frames)
     n_frames, H, W = data.shape
@@ -187,6 +192,8 @@ def train(cfg):
     real, _ = ar_teacher.load_base(cfg, device=device)  # the toy base, or Wan2.1 with --init-weights
     real = prepare(real, cfg.param_dtype).requires_grad_(False)
     critic = prepare(copy.deepcopy(real), cfg.param_dtype, cfg.grad_checkpointing)  # fake score: starts as the base
+    if cfg.real_score == "exact":  # the toy's data law itself as the real score; the critic still starts from the base
+        real = toy_data.ExactScore()
     critic.train().requires_grad_(True)
     generator = prepare(generator, cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
     ema = None  # created at ema_start (official: EMA from step 200)

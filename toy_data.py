@@ -215,13 +215,15 @@ def exact_x0(x_t, t, prompts, past=None, frames_per_block=1):
     """The optimal denoiser of the toy, E[x0 | x_t, prompt], computed exactly: the data law is uniform over
     all_clips(prompt), so x_t = (1 - s) x0 + s eps gives each candidate clip k the posterior weight
     softmax_k(-|x_t - (1 - s) x0_k|^2 / (2 s^2)). A trained model's x0 prediction can be no better than this.
-    x_t (B, F, 3, H, W) with one t per clip (B,) in (0, 1000]: the bidirectional base's question.
+    x_t (B, F, 3, H, W) with one t per clip (B,) in (0, 1000]: the bidirectional base's question. The prompt ""
+    asks the unconditional question (the clip of any prompt).
     past=clean (B, F, 3, H, W): the AR teacher's question instead: block i given its x_t and the clean blocks < i,
     i.e. candidates must match the clean past exactly and only block i's noise counts."""
     s = torch.as_tensor(t, dtype=torch.float32).reshape(-1) / 1000
     out = torch.empty_like(x_t)
     for b, prompt in enumerate(prompts):
-        X = all_clips(prompt, x_t.shape[1])  # (K, F, 3, H, W)
+        # the empty prompt (the unconditional branch) is the whole toy: every prompt's clips, equally likely
+        X = torch.cat([all_clips(p, x_t.shape[1]) for p in (PROMPTS if prompt == "" else [prompt])])
         d2 = (x_t[b, None] - (1 - s[b]) * X).pow(2).flatten(2).sum(-1)  # (K, F) per-frame squared distances
         if past is None:
             w = torch.softmax(-d2.sum(1) / (2 * s[b] ** 2), 0)  # (K,)
@@ -234,6 +236,34 @@ def exact_x0(x_t, t, prompts, past=None, frames_per_block=1):
                 w = torch.softmax(logp, 0)
                 out[b, i:i + frames_per_block] = torch.einsum("k,kfchw->fchw", w, X[:, i:i + frames_per_block])
     return out
+
+
+class ExactScore(torch.nn.Module):
+    """The toy's exact bidirectional score as a drop-in for a DiT: forward(x_t, t, ctx) returns the velocity
+    v = (x_t - E[x0 | x_t, prompt]) / s of the data law itself (exact_x0), with the prompt read back from the toy
+    text encoder's features (zeros: the unconditional branch). One t per clip (all frames equal). A perfect real
+    score for DMD: whatever DMD does with it is DMD's own doing, not a teacher's error (dmd.py --real-score exact)."""
+
+    def __init__(self):
+        super().__init__()
+        self.text = TextEncoder()
+
+    def prompts(self, ctx):
+        words = self.text.embedding.to(ctx.device)  # (6, TEXT_DIM)
+        out = []
+        for row in ctx:
+            if not row.abs().any():
+                out.append("")
+                continue
+            colour, shape = (torch.cdist(row, words).argmin(1)).tolist()  # nearest word per token
+            out.append(f"{self.text.vocab[colour]} {self.text.vocab[shape]}")
+        return out
+
+    def forward(self, x_t, t, ctx, **_):
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
+        t = t.reshape(-1, 1).expand(x_t.shape[:2]) if t.ndim <= 1 else t  # (B, F)
+        x0 = exact_x0(x_t.float().cpu(), t[:, 0].cpu(), self.prompts(ctx)).to(x_t.device)
+        return (x_t - x0) / (t[..., None, None, None] / 1000)
 
 
 class ToyData:

@@ -330,3 +330,16 @@ def test_exact_denoiser_equals_bayes_rule_with_gaussian_likelihoods():
         w = torch.softmax(logp, 0)
         assert w.max() < 0.9  # a spread posterior: the test can see the noise scale
         assert torch.allclose(out[b].double(), torch.einsum("k,k...->...", w, X), atol=1e-4)
+
+
+def test_exact_score_reads_the_prompt_back_and_returns_the_exact_velocity():
+    score = toy_data.ExactScore()
+    text = toy_data.TextEncoder()
+    prompts = ["red circle", "blue triangle", ""]
+    assert score.prompts(text(prompts)) == prompts
+    clips, _ = toy_data.sample_clips(3, seed=0, prompts=["red circle", "blue triangle", "green square"])
+    x_t = 0.5 * clips + 0.5 * torch.randn(clips.shape, generator=torch.Generator().manual_seed(0))
+    v = score(x_t, torch.full((3,), 500.0), text(prompts))
+    x0 = toy_data.exact_x0(x_t, torch.full((3,), 500.0), prompts)
+    assert torch.allclose(x_t - 0.5 * v, x0, atol=1e-5)  # x0_hat = x_t - s v
+    assert (x0 - clips).abs().max() < 1e-3  # at s = 0.5 the clip is decided, even unconditionally
