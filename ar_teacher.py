@@ -29,7 +29,9 @@ Commands (toy, CPU; the README lists measured times):
     python ar_teacher.py --phase ar --model wan2.1-1.3b --init-weights WAN_DIR --data LATENT_DIR --batch-size 1 \
         --param-dtype bfloat16 --optimizer lean --grad-checkpointing [--dry-run]   # Wan scale (README)
 Add --resume to continue an interrupted run from its last checkpoint; --resume --ship on a finished run writes
-the fp16 EMA weights that this repository ships in pretrained/ (later stages fall back to them).
+the fp16 EMA weights that this repository ships in pretrained/ (later stages fall back to them). --eval-only prints
+the closing evaluation of a finished teacher, the shipped one included, without training:
+    python ar_teacher.py --phase base --eval-only [--eval-clips 288]
 """
 import copy
 import math
@@ -78,6 +80,7 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     device: str = "auto"
     resume: bool = False
     ship: bool = False  # also write the fp16 EMA weights to pretrained/ (the files this repository ships)
+    eval_only: bool = False  # print the closing evaluation of the finished teacher (this run's, or the shipped one)
 
 
 SHIPPED_DIR = "pretrained"  # toy teachers shipped with the repository, so stage 2 can start in seconds
@@ -282,7 +285,7 @@ def train(cfg):
         ckpt = load_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
         saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items()
-                  if k not in ("resume", "ship", "eval_every", "ckpt_every", "eval_clips", "device", "dry_run",
+                  if k not in ("resume", "ship", "eval_only", "eval_every", "ckpt_every", "eval_clips", "device", "dry_run",
                                "out_dir")
                   and saved[k] != v}
         if differ:
@@ -365,31 +368,14 @@ def train(cfg):
         save_checkpoint(path, **{**load_checkpoint(path), "minutes": minutes})
         return {}
 
-    # the closing evaluation: the EMA model's samples beside real clips of the same count. Prompt accuracy is a
-    # fraction of n clips, so it comes with its 95% interval: about +-0.07 at 72 clips and 0.9, +-0.035 at 288.
+    # the closing evaluation: the EMA model's samples beside real clips of the same count
     trained = step_at_start < steps
-    clips, eval_p = generate(ema, cfg, cfg.eval_clips, seed=1234, text=data.text)
-    metrics = toy_data.evaluate(clips, eval_p)
     ckpt = load_checkpoint(path)
     minutes = (time.time() - t_start) / 60 if trained else ckpt.get("minutes", 0.0)
+    metrics, clips = report(ema, cfg, name, data.text, minutes)
     if trained:
         write_gif(clips)
-    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
-    acc, n = metrics["prompt_acc"], cfg.eval_clips
-    print(f"{name} | {cfg.eval_steps}-step CFG {cfg.guidance} | {metric_line(metrics)} | {minutes:.1f} min")
-    print(f"{'real clips':>{len(name)}} | {metric_line(real)}")
-    lo, hi = toy_data.accuracy_interval(acc, n)
-    print(f"{'':>{len(name)}} | prompt accuracy {acc:.3f} over {n} clips, 95% interval {lo:.3f}-{hi:.3f} (Wilson)")
-    print(f"{'':>{len(name)}} | x0 MSE per noise level, model/exact denoiser: {gap_line(denoiser_gap(ema, cfg, data.text, 2 * cfg.eval_clips))}")
-    if cfg.phase == "ar":
-        nf = next_frame_report(ema, cfg, cfg.eval_clips, data.text)
-        print(f"{'':>{len(name)}} | next block given the real past (frames {nf['frames'][0]}-{nf['frames'][1]}): "
-              f"{nf['off']:.1%} of coordinates off by >= 0.5 px, RMS error {nf['rms']:.2f} px "
-              f"(real frames: {nf['real_rms']:.2f} px)")
-        own = toy_data.own_step_report(clips, eval_p)
-        print(f"{'':>{len(name)}} | the same on its own rollouts (frame i vs its own frames i-2, i-1): "
-              f"{own['off']:.1%} off by >= 0.5 px; exposure-bias gap {own['off'] - nf['off']:+.1%}")
-    if n != ckpt["config"]["eval_clips"]:  # a re-evaluation with another clip count: print, keep the record
+    if cfg.eval_clips != ckpt["config"]["eval_clips"]:  # a re-evaluation with another clip count: keep the record
         return metrics
     save_checkpoint(path, **{**ckpt, "metrics": metrics, "minutes": minutes})
     if cfg.ship:
@@ -397,5 +383,43 @@ def train(cfg):
     return metrics
 
 
+def report(ema, cfg, name, text, minutes):
+    """A teacher's closing evaluation, printed: the evaluator on cfg.eval_clips samples beside real clips; prompt
+    accuracy with its 95% interval (about +-0.07 at 72 clips and 0.9, +-0.035 at 288); the x0 error per noise level
+    beside the exact denoiser's; for an AR teacher the next block given the real past and on its own past.
+    Returns (metrics, clips)."""
+    clips, eval_p = generate(ema, cfg, cfg.eval_clips, seed=1234, text=text)
+    metrics = toy_data.evaluate(clips, eval_p)
+    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
+    acc, n, pad = metrics["prompt_acc"], cfg.eval_clips, " " * len(name)
+    print(f"{name} | {cfg.eval_steps}-step CFG {cfg.guidance} | {metric_line(metrics)} | {minutes:.1f} min")
+    print(f"{'real clips':>{len(name)}} | {metric_line(real)}")
+    lo, hi = toy_data.accuracy_interval(acc, n)
+    print(f"{pad} | prompt accuracy {acc:.3f} over {n} clips, 95% interval {lo:.3f}-{hi:.3f} (Wilson)")
+    print(f"{pad} | x0 MSE per noise level s, model/exact denoiser: {gap_line(denoiser_gap(ema, cfg, text, 2 * n))}")
+    if cfg.phase == "ar":
+        nf = next_frame_report(ema, cfg, n, text)
+        print(f"{pad} | next block given the real past (frames {nf['frames'][0]}-{nf['frames'][1]}): "
+              f"{nf['off']:.1%} of coordinates off by >= 0.5 px, RMS error {nf['rms']:.2f} px "
+              f"(real frames: {nf['real_rms']:.2f} px)")
+        own = toy_data.own_step_report(clips, eval_p)
+        print(f"{pad} | the same on its own rollouts (frame i vs its own frames i-2, i-1): "
+              f"{own['off']:.1%} off by >= 0.5 px; exposure-bias gap {own['off'] - nf['off']:+.1%}")
+    return metrics, clips
+
+
+def evaluate_only(cfg):
+    """--eval-only: the closing report of a finished toy teacher (this run's checkpoint, else the shipped one)."""
+    teacher = find_teacher(cfg)
+    if teacher is None:
+        raise FileNotFoundError(f"{checkpoint_path(cfg)} not found (nor a shipped one); make it with: "
+                                f"{make_command(cfg)}")
+    ckpt = load_checkpoint(teacher, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
+    model = model_from_checkpoint(ckpt, key="ema", device=pick_device(cfg.device)).eval().float()
+    print(f"evaluating {teacher} (step {ckpt['step']})")
+    return report(model, cfg, os.path.basename(teacher), toy_data.TextEncoder(), ckpt.get("minutes", 0.0))[0]
+
+
 if __name__ == "__main__":
-    train(parse_config(Config, description=__doc__.split("\n\n")[0]))
+    config = parse_config(Config, description=__doc__.split("\n\n")[0])
+    evaluate_only(config) if config.eval_only else train(config)

@@ -11,10 +11,17 @@ points of it onto its endpoint):
                             the true frames < i. The student (init: the AR teacher) sees the same clean context.
                             -> checkpoints/causal_ode.pt
   --teacher bidirectional   CausVid / Self Forcing ODE init. The bidirectional base's PF-ODE on whole clips; the
-                            causal student (init: the base, as those methods start from Wan) sees the noisy
-                            prefix of the same trajectory under a block-causal mask, with a random trajectory
-                            point per block, and regresses onto the bidirectional endpoint.
+                            causal student (init: the base, as those methods start from Wan) sees the same
+                            trajectory under a block-causal mask, each block at its own stored point drawn
+                            over the 4-step list *and the clean endpoint*, so past blocks are clean part of
+                            the time as the KV cache is at inference; the loss skips blocks at t = 0 (Self
+                            Forcing model/ode_regression.py; CausVid ode_regression.py).
                             -> checkpoints/bidirectional_ode.pt
+  --teacher bidirectional --noisy-prefix   the same without the clean endpoint among the draws: the student never
+                            sees a clean past in training but always does at inference (the mismatch of
+                            Prop. 3.4 stacked on the injectivity failure; an ablation, not an official
+                            recipe; this repository's default before it was checked against the official code).
+                            -> checkpoints/bidirectional_ode_noisy_prefix.pt
 
 Why the second one fails (Causal Forcing Lemma 3.2 / Prop. 3.3): the bidirectional endpoint of frame i depends on
 the noise of *future* frames, which the causal student cannot see. The best it can do under an MSE loss is the
@@ -30,6 +37,7 @@ from the toy base rather than from Wan2.1.
 Commands (toy, CPU; times in the README):
     python ode_init.py --teacher ar               # pairs + causal-ODE student
     python ode_init.py --teacher bidirectional    # pairs + bidirectional-ODE student
+    python ode_init.py --teacher bidirectional --noisy-prefix   # the ablation, on the same pairs
     python ode_init.py --plot                     # both students if missing, then injectivity.png
     python ode_init.py --teacher ar --data LATENT_DIR --num-pairs 8 ...   # Wan scale (README)
 """
