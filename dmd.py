@@ -28,20 +28,24 @@ Frame-wise 1- and 2-step generators denoise block 0 with the 4-step list (Causal
 no past to lean on), later blocks with the short list; each list has its own random exit step.
 
 What to watch in the log: loss_g (0.5 mean g^2, so it tracks |g|), the critic's flow-matching loss, |g| (the
-mean magnitude of the normalised DMD gradient) and the evaluator's metrics of EMA samples every 10 updates.
-Over the 600 logged updates of the README's table runs, |g| stays within 0.65-1.0 (90% in 0.79-0.93) and the
-critic loss within 0.08-0.66 (90% in 0.10-0.30; single batches, noisy), with no trend. A critic loss that
-climbs steadily, or |g| that grows, would suggest the critic has lost track of the generator. The metrics are what tell whether DMD helps: on the toy it does not
-for causal inits (README, Stage 3).
+mean magnitude of the normalised DMD gradient) and, every 10 updates, the evaluator's metrics of EMA samples with
+a second line: how often the next frame misses the motion given the real past and given the model's own past
+(their gap is exposure bias, what self rollout should shrink) and the mean foreground area per frame (a CFG push
+grows the shapes). At the official step sizes on causal CD 2-step, |g| stays within 0.71-0.89 and the critic
+loss within 0.07-0.42 (single batches, noisy) over 100 updates, with no trend; a critic loss that climbs
+steadily, or |g| that grows, would suggest the critic has lost track of the generator. README, Stage 3, says
+what DMD does on the toy, measured.
 
 Differences from the official code (thu-ml/Causal-Forcing, guandeh17/Self-Forcing): the real score is the
-toy's bidirectional base (officially Wan2.1-14B) and the critic starts from the same base (officially 1.3B);
-toy learning rates and batch; one Python process, no FSDP. The CFG weight is written in the
+toy's bidirectional base (officially Wan2.1-14B), or with --real-score exact the toy's exact data score; the critic
+starts from the base (officially 1.3B); the official step sizes (G 2e-6, critic 4e-7) but toy batch and length;
+one Python process, no FSDP. The CFG weight is written in the
 `uncond + w (cond - uncond)` convention used everywhere in this repository: w = 4 here equals the official
 `cond + 3 (cond - uncond)`.
 
 Commands:
     python dmd.py --init causal_cd --num-steps 2      # one DMD run (stage-2 checkpoint must exist)
+    python dmd.py --init causal_cd --num-steps 2 --real-score exact --real-guidance 1   # against the exact score
     python dmd.py --init causal_cd --num-steps 2 --model wan2.1-1.3b --init-weights WAN_DIR --data LATENT_DIR ...
                                                       # Wan scale: Wan2.1 is the real score (README)
     python dmd.py --table                             # the toy Table 2: 4 inits x {1, 2, 4} steps, before and
@@ -76,7 +80,7 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     init: str = "causal_cd"  # causal_cd | causal_ode | bidirectional_ode | ar_teacher
     num_steps: int = 4  # denoising steps per block: 1, 2 or 4
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the init checkpoint must match)
-    gen_updates: int = 50  # generator updates; the critic gets critic_ratio times as many
+    gen_updates: int = 100  # generator updates; the critic gets critic_ratio times as many (README: the sweep)
     critic_ratio: int = 5  # critic updates per generator update (official dfake_gen_update_ratio)
     critic_warmup: int = 0  # critic-only updates before the first generator update (not in the official code)
     batch_size: int = 16

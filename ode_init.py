@@ -152,6 +152,7 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
             raise ValueError(f"{path} was made for another setup (saved, now): {differ or 'fewer pairs'}; "
                              f"delete it to regenerate, or use another --out-dir")
         print(f"loaded {len(pairs['x0'])} ODE pairs from {path}")
+        pairs["loaded"] = True  # made by an earlier run: this run's time does not include them
         if "text" not in pairs:  # a toy pair file written before pairs stored their text features
             pairs["text"], pairs["null"] = toy_data.TextEncoder()(pairs["prompts"]), None
         return pairs
@@ -278,8 +279,9 @@ def train(cfg):
         return {}
     metrics = toy_few_step_report(ema, name, cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
     minutes = (time.time() - t_start) / 60
-    print(f"{name}: {minutes:.1f} min including pairs ({pairs['seconds'] / 60:.1f} min, "
-          f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored)")
+    made = "read from an earlier run, which made them in" if pairs.get("loaded") else "including pairs:"
+    print(f"{name}: {minutes:.1f} min, ODE pairs {made} {pairs['seconds'] / 60:.1f} min, "
+          f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored")
     save(metrics=metrics, minutes=minutes)
     return metrics
 
@@ -429,7 +431,9 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
     ax.set_xlabel("frame index i")
     ax.set_ylabel(f"variance of frame i over {K} resampled\nnoises of frames > i (frames <= i fixed)")
     ax.set_title("(a) does the future's noise change frame i?\nbidirectional teacher: yes; AR teacher: never")
-    ax.legend(fontsize=8)
+    ax.annotate("last frame:\nno future", (nF - 1, 1e-16), xytext=(nF - 2.3, 1e-11), fontsize=8,
+                arrowprops=dict(arrowstyle="->", lw=0.8))
+    ax.legend(fontsize=8, loc="center left")
     # (b) a picture grid: rows = prompts; columns = three futures, their mean, the bidir-ODE student | AR, causal
     ax = fig.add_subplot(gs[0, 1:])
     bi = frame0["bidirectional teacher"]  # (K, P, C, H, W)
@@ -443,9 +447,9 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
     ax.set_xticks([w * (j + 0.5) for j in range(len(cols))], titles, fontsize=8)
     ax.set_yticks([h * (r + 0.5) for r in range(P)], prompts, fontsize=8)
     ax.axvline(5 * w - 1, color="w", lw=3)
-    ax.set_title("(b) frame 0 from one fixed frame-0 noise per row. The bidirectional-ODE student can only learn the "
-                 "mean over futures\n(left block: alike, blurred); the causal-ODE student learns the AR teacher's "
-                 "one answer (right block: alike, sharp)", fontsize=10)
+    ax.set_title("(b) frame 0 from one fixed frame-0 noise per row. Left: the bidirectional teacher's frame 0 changes with "
+                 "the future's noise,\nso a causal student can at best learn the mean. Right: the AR teacher has one "
+                 "answer per noise, which the causal-ODE student is fitted to", fontsize=10)
     for j, (title, series) in enumerate((("(c) on its training inputs (every frame at t = 1000)", train_in),
                                          ("(d) at streaming inference (1 step, own cached past)", stream))):
         ax = fig.add_subplot(gs[1, j])
@@ -454,10 +458,12 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
             ax.plot(range(nF), targets[kind], "s--", color=colour[kind], lw=1, alpha=0.7,
                     label=f"its ODE targets ({'bidirectional' if kind == 'bidirectional' else 'AR'} teacher)")
         ax.axhline(1.0, color="k", ls=":", lw=1, label="data (exactly 1)")
+        lo = min(min(v.min().item() for v in series.values()), 0.95)
+        ax.set_ylim(lo - 0.01, 1.0 + 2.2 * (1.0 - lo + 0.01))  # room for the legend above the curves
         ax.set_xlabel("frame index i")
         ax.set_ylabel("second moment E[x^2] of frame i")
-        ax.set_title(title + "\nbelow its targets = a blurred average (Prop. 3.3)", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.set_title(title + "\nbelow its own targets = squashed towards an average (Prop. 3.3)", fontsize=10)
+        ax.legend(fontsize=7, loc="upper center", ncol=2)
     ax = fig.add_subplot(gs[1, 2])
     ax.scatter(eps1.repeat_interleave(8), mini_bi[:, :8].flatten(), s=3, alpha=0.3, color="C0",
                label="bidirectional teacher, random eps2")
@@ -465,11 +471,11 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
     ax.plot(eps1, mini_student, color="C3", lw=2, label=f"student fitted to bidir. pairs, E[x^2] = {m2_student:.2f}")
     ax.set_xlabel("frame-1 noise eps1")
     ax.set_ylabel("frame-1 output")
-    ax.set_title("(e) exact miniature, no training: x1 = x2 in {-1, +1}.\nA causal student of the bidirectional "
-                 "ODE can only learn E[x1 | eps1]: squashed", fontsize=10)
+    ax.set_title("(e) exact miniature, no training: x1 = x2 in {-1, +1}.\nA causal student of bidirectional "
+                 "pairs learns E[x1 | eps1]", fontsize=10)
     ax.legend(fontsize=7, loc="upper left")
     fig.suptitle("Frame-level injectivity: an AR teacher maps each noisy frame (given the clean past) to one clean "
-                 "frame; a bidirectional teacher does not, so a causal student fitted to its ODE pairs learns an "
+                 "frame;\na bidirectional teacher does not, so a causal student fitted to its ODE pairs learns an "
                  "average", fontsize=12)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
