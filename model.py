@@ -827,7 +827,11 @@ class WanVAE:
             print("--vae random: the Wan2.1 VAE architecture with RANDOM weights (decode timing only)")
             self.vae = diffusers.AutoencoderKLWan().to(device, dtype).eval()
         else:
-            self.vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
+            try:
+                self.vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
+            except OSError as err:  # no such folder, and the hub unreachable or the repo missing
+                raise OSError(f"could not load the Wan2.1 VAE from {repo!r} ({str(err).splitlines()[0]}); download "
+                              f"{WAN_DIFFUSERS} and pass its folder with --vae") from None
             self.vae = self.vae.to(device).eval()
         c = self.vae.config
         self.mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)

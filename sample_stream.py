@@ -467,8 +467,8 @@ def main_wan(args, model, ckpt, device):
     if args.out.endswith(".mp4"):
         try:
             video = WanVAE(args.vae or WAN_DIFFUSERS, device=device).decode(latents)
-        except ImportError as err:
-            print(f"not decoded: {err}")
+        except (ImportError, OSError) as err:  # the optional extra missing, or the VAE weights out of reach
+            print(f"not decoded (the latents are kept): {err}")
             return latents
         import imageio.v3 as iio
         iio.imwrite(args.out, video, fps=16)

@@ -219,7 +219,8 @@ def test_every_stage_runs_on_a_latent_folder(wan_tiny, capsys):
                                   "--out", str(out), "--device", "cpu"])
     assert latents.shape == (3, 16, 4, 8) and (root / "stream.safetensors").exists()
     printed = capsys.readouterr().out
-    assert out.exists() or "pip install -r requirements-wan.txt" in printed
+    # decoded, or (no diffusers, or no VAE weights reachable, as on a machine without the hub) says what to do
+    assert out.exists() or "pip install -r requirements-wan.txt" in printed or "pass its folder with --vae" in printed
     # the speed benchmark's code path (its numbers only mean something on a GPU)
     rows = sample_stream.main(["--bench", "--model", "wan-tiny", "--latent-frames", "3", "--latent-hw", "4x8",
                                "--device", "cpu"])
