@@ -235,14 +235,13 @@ def test_ship_writes_small_strict_loadable_teacher_and_later_stages_fall_back_to
         ar_teacher.load_teacher("elsewhere", phase="base")
 
 
-def test_eval_only_reports_a_finished_teacher_and_names_the_command_when_missing(tmp_path, monkeypatch, capsys):
-    shrink_toy_preset(monkeypatch)
+def test_eval_only_reports_a_finished_teacher_and_names_the_command_when_missing(tiny_teachers, tmp_path_factory,
+                                                                                  capsys):
+    empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(FileNotFoundError, match="python ar_teacher.py --phase base --out-dir"):
-        ar_teacher.evaluate_only(tiny_run(tmp_path, phase="base"))
-    ar_teacher.train(tiny_run(tmp_path, phase="base"))
-    ar_teacher.train(tiny_run(tmp_path, phase="ar"))
+        ar_teacher.evaluate_only(tiny_run(empty, phase="base"))
     capsys.readouterr()
-    metrics = ar_teacher.evaluate_only(tiny_run(tmp_path, phase="ar"))
+    metrics = ar_teacher.evaluate_only(tiny_run(tiny_teachers, phase="ar"))
     out = capsys.readouterr().out
     assert 0 <= metrics["prompt_acc"] <= 1
     for line in ("model/exact denoiser: s 0.95:", "next block given the real past", "on its own rollouts"):

@@ -5,12 +5,10 @@ import os
 import pytest
 import torch
 
-import ar_teacher
 import causal_cd
 import model as M
 import ode_init
 from sample_stream import cfg_velocity
-from test_ar_teacher import shrink_toy_preset, tiny_run
 from test_model import random_model
 
 
@@ -181,14 +179,6 @@ def test_ode_loss_with_every_block_clean_is_zero_not_nan():
 
 
 # --- scripts ---------------------------------------------------------------------------------------------------
-
-@pytest.fixture
-def tiny_teachers(tmp_path, monkeypatch):
-    shrink_toy_preset(monkeypatch)
-    ar_teacher.train(tiny_run(tmp_path, phase="base"))
-    ar_teacher.train(tiny_run(tmp_path, phase="ar"))
-    return tmp_path
-
 
 def stage2_run(tmp_path, **kw):
     return ode_init.Config(**{**dict(num_pairs=8, steps=2, batch_size=4, warmup=1, eval_clips=9, ckpt_every=1,

@@ -14,7 +14,6 @@ import model as M
 import sample_stream as S
 import toy_data
 from test_model import random_model
-from test_stage2 import tiny_teachers  # noqa: F401  (fixture)
 
 STEPS4 = [1000.0, 937.5, 833.3, 625.0]
 
