@@ -49,7 +49,8 @@ Commands:
     python dmd.py --init causal_cd --num-steps 2 --model wan2.1-1.3b --init-weights WAN_DIR --data LATENT_DIR ...
                                                       # Wan scale: Wan2.1 is the real score (README)
     python dmd.py --table                             # the toy Table 2: 4 inits x {1, 2, 4} steps, before and
-                                                      # after DMD, with frames/s and first-frame latency
+                                                      # after DMD, with frames/s and first-frame latency;
+                                                      # --table --resume reuses the runs already finished
 """
 import copy
 import json
@@ -366,6 +367,12 @@ def table(cfg):
     t0 = time.time()
     ensure_stage2(cfg)
     device = pick_device(cfg.device)
+    # Each finished run is recorded at once with the settings it ran under; `--table --resume` reuses the runs
+    # recorded under today's settings and trains only the rest (a 2-hour table survives an interruption).
+    done_path = os.path.join(cfg.out_dir, "dmd_table_runs.json")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device", "table_seeds")}
+    done = json.load(open(done_path)) if cfg.resume and os.path.exists(done_path) else {}
+    done = {k: v for k, v in done.items() if v["settings"] == settings}
     rows = []
     for init in INITS:
         for n in (1, 2, 4):
@@ -373,9 +380,17 @@ def table(cfg):
             for seed in [cfg.seed + i for i in range(cfg.table_seeds if n == 2 else 1)]:
                 run = Config(**{**asdict(cfg), "init": init, "num_steps": n, "seed": seed, "table": False,
                                 "resume": False})
+                key = f"{init} {n}-step seed {seed}"
+                if key in done and os.path.exists(checkpoint_path(run)):
+                    print(f"table: {key} already finished (--resume): reusing it")
+                    runs.append(done[key]["run"])
+                    continue
                 after, minutes = train(run)
                 before = {k: v for k, v in load_checkpoint(checkpoint_path(run))["log"][0].items() if k != "update"}
                 runs.append(dict(seed=seed, before=before, after=after, minutes=minutes))
+                done[key] = dict(settings=settings, run=runs[-1])
+                json.dump(done, open(done_path + ".tmp", "w"), indent=1)
+                os.replace(done_path + ".tmp", done_path)
             gen_model, _ = load_generator(checkpoint_path(run), device)
             speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=n < 4)
             rows.append(dict(init=init, steps=n, runs=runs, **speed))
