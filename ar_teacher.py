@@ -44,10 +44,11 @@ from tqdm import tqdm
 
 import toy_data
 from toy_data import metric_line
-from model import (ema_update, DiT, PRESETS, ModelConfig, ScaleOptions, add_noise, autocast, count_parameters,
-                   dry_run, load_checkpoint, loss_weight, make_optimizer, model_from_checkpoint, open_data,
-                   limit_memory, parse_config, pick_device, prepare, report_memory, save_checkpoint, timestep_grid,
-                   wan_base, x0_from_v)
+from model import (DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, ema_update, load_checkpoint,
+                   loss_weight, model_from_checkpoint, parse_config, pick_device, save_checkpoint, timestep_grid,
+                   x0_from_v)
+from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory,
+                       wan_base)
 from sample_stream import sample_ar, sample_bidirectional
 
 

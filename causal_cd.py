@@ -37,9 +37,9 @@ from tqdm import tqdm
 
 import ar_teacher
 import toy_data
-from model import (ScaleOptions, add_noise, autocast, dry_run, ema_update, euler_step, load_checkpoint, make_optimizer,
-                   limit_memory, model_from_checkpoint, open_data, parse_config, pick_device, prepare, report_memory,
-                   save_checkpoint, timestep_grid, x0_from_v)
+from model import (add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
+                   pick_device, save_checkpoint, timestep_grid, x0_from_v)
+from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import cfg_velocity, toy_few_step_report
 
 

@@ -65,9 +65,9 @@ import ar_teacher
 import causal_cd
 import ode_init
 import toy_data
-from model import (ScaleOptions, add_noise, autocast, dry_run, ema_update, load_checkpoint, make_optimizer,
-                   limit_memory, model_from_checkpoint, open_data, parse_config, pick_device, prepare, report_memory,
+from model import (add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
                    save_checkpoint, shift_sigma, warped_steps, x0_from_v)
+from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import (cfg_velocity, exposure_line, sample_stream, stream_speed, toy_exposure_report,
                            toy_few_step_samples)
 

@@ -51,9 +51,9 @@ from tqdm import tqdm
 
 import toy_data
 from ar_teacher import load_base, load_teacher
-from model import (ScaleOptions, autocast, dry_run, ema_update, limit_memory, load_checkpoint, make_optimizer,
-                   model_from_checkpoint, open_data, parse_config, pick_device, prepare, report_memory, save_checkpoint,
-                   warped_steps, x0_from_v)
+from model import (autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
+                   save_checkpoint, warped_steps, x0_from_v)
+from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
 

@@ -28,7 +28,7 @@ import time
 import torch
 
 import toy_data
-from model import (KVCache, add_noise, autocast, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
+from model import (KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
                    timestep_grid, warped_steps, x0_from_v)
 
 
@@ -342,141 +342,6 @@ def stream_speed(model, num_steps, frames_per_block=1, frames=toy_data.FRAMES, f
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Wan scale: the speed benchmark (random weights in the real shape) and streaming latents to MP4
-
-
-def stream_flops(cfg, tokens_per_frame, frames, frames_per_block, steps, first_steps=None):
-    """Model FLOPs per frame of a full-cache stream (2 per multiply-add). Every block runs one forward per
-    denoising step plus the t = 0 refresh, its Tb tokens attending to the cache (all earlier blocks + itself).
-    Per layer: 2 Tb (4 D^2 self-attn q/k/v/o + 2 D^2 cross-attn q/o + 2 D ffn) linear FLOPs, 4 Tb K D for
-    self-attention over K keys, 4 Tb L D for cross-attention over the L text tokens (their K/V are cached)."""
-    D, Fh, L = cfg.dim, cfg.ffn_dim, cfg.text_len
-    Tb = frames_per_block * tokens_per_frame
-    total = 0
-    for b in range(frames // frames_per_block):
-        n_forwards = len(first_steps if (b == 0 and first_steps) else steps) + 1
-        per_layer = 2 * Tb * (6 * D * D + 2 * D * Fh) + 4 * Tb * (b + 1) * Tb * D + 4 * Tb * L * D
-        total += n_forwards * cfg.num_layers * per_layer
-    return total / frames
-
-
-def bench_wan(args):
-    """Streaming speed at Wan scale with random weights in the preset's shape (speed does not depend on the
-    values): frame-wise 1/2/4-step and chunk-wise 4-step over --latent-frames latent frames of --latent-hw,
-    bf16 SDPA on a GPU. Prints latent and video frames/s (the Wan VAE makes 4 video frames per latent frame
-    after the first), first-frame latency, peak memory, FLOPs per latent frame and the implied utilisation
-    of --peak-tflops; with --vae, also the VAE decode time and frames/s including it."""
-    from model import DiT, PRESETS
-    device = pick_device(args.device)
-    cfg = PRESETS[args.model]
-    h, w = parse_hw(args.latent_hw)
-    n_lat = args.latent_frames
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = DiT(cfg)
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    model.eval().requires_grad_(False)
-    for p in model.parameters():  # Wan's zero-initialised head would make every output 0: fill it in
-        if p.abs().sum() == 0:
-            p.normal_(0, 0.02)
-    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
-    tpf = model.tokens_per_frame(h, w)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights), {name}, "
-          f"{n_lat} latent frames of {h}x{w} ({tpf} tokens/frame), batch 1, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, SDPA, full KV cache")
-    print(f"{'mode':36s}{'latent f/s':>11s}{'video f/s':>10s}{'first frame':>13s}{'peak mem':>10s}"
-          f"{'TFLOP/frame':>12s}{'util':>7s}")
-    rows = [("frame-wise 1-step (block 0 4-step)", 1, 1, True), ("frame-wise 2-step (block 0 4-step)", 2, 1, True),
-            ("frame-wise 4-step", 4, 1, False), ("chunk-wise 4-step", 4, 3, False)]
-    results = []
-    with torch.no_grad(), autocast(device, model):  # bf16 on a GPU
-        for label, n, fpb, first4 in rows:
-            frames = n_lat - n_lat % fpb
-            steps = warped_steps(n, cfg.shift)
-            first = warped_steps(4, cfg.shift) if first4 else None
-            # warm-up over the full length: every cache length is a new attention shape (cuDNN plans one per shape)
-            timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            _, times = timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-            total = sum(times)
-            flops = stream_flops(cfg, tpf, frames, fpb, steps, first)
-            util = flops * frames / total / (args.peak_tflops * 1e12)
-            video_frames = 4 * frames - 3
-            r = dict(mode=label, latent_fps=frames / total, video_fps=video_frames / total, first_frame_s=times[0],
-                     peak_gib=peak / 2 ** 30, tflop_per_frame=flops / 1e12, utilisation=util, seconds=total)
-            results.append(r)
-            print(f"{label:36s}{r['latent_fps']:11.2f}{r['video_fps']:10.2f}{r['first_frame_s']:12.3f}s"
-                  f"{r['peak_gib']:8.1f}GiB{r['tflop_per_frame']:12.2f}{100 * util:6.1f}%")
-    if args.vae:
-        from model import WanVAE
-        vae = WanVAE(args.vae, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-        lat = torch.randn(n_lat, cfg.in_dim, h, w)
-        vae.decode(lat[:2])  # warm-up
-        _sync(device)
-        t0 = time.perf_counter()
-        vae.decode(lat)
-        _sync(device)
-        dec = time.perf_counter() - t0
-        print(f"VAE decode of {n_lat} latent frames: {dec:.2f} s")
-        for r in results:
-            print(f"{r['mode']:36s} with decode: {(4 * n_lat - 3) / (r['seconds'] + dec):.2f} video frames/s")
-    return results
-
-
-def parse_hw(spec):
-    try:
-        h, w = (int(v) for v in spec.lower().split("x"))
-    except ValueError:
-        raise ValueError(f"expected HxW, e.g. 60x104 (got {spec!r})") from None
-    return h, w
-
-
-def main_wan(args, model, ckpt, device):
-    """Stream a Wan-shaped checkpoint: latents to OUT.safetensors, decoded to OUT (.mp4) when the optional
-    extra is installed. The prompt is umT5 features: --text FILE (a latent-folder clip or any safetensors with
-    `text` (L, 4096)), or --prompt encoded on the spot (needs requirements-wan.txt)."""
-    from model import WAN_DIFFUSERS, WanTextEncoder, WanVAE, write_latent_clip
-    if device.type == "cuda":
-        model = model.to(torch.bfloat16)
-    if args.text:
-        from safetensors.torch import load_file
-        text = load_file(args.text)["text"].float()
-    else:
-        text = WanTextEncoder(device=device)([args.prompt])[0]
-    ctx = torch.zeros(1, model.cfg.text_len, model.cfg.text_dim)
-    ctx[0, :len(text)] = text
-    fpb = ckpt["config"].get("frames_per_block", 1)
-    n_steps = args.steps or ckpt["config"].get("num_steps", 4)
-    frames = args.frames or 21
-    if frames % fpb:
-        raise ValueError(f"--frames {frames} is not a whole number of {fpb}-frame blocks")
-    h, w = parse_hw(args.latent_hw)
-    steps = warped_steps(n_steps, model.cfg.shift)
-    first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4) else None
-    with autocast(device, model):  # bf16 on a GPU
-        clip, times = timed_stream(model, frames, steps, fpb, first, args.window or None, args.sink, ctx.to(device),
-                                   seed=args.seed, frame_hw=(h, w))
-    latents = clip[0].float().cpu()  # (F, 16, h, w)
-    base = os.path.splitext(args.out)[0]
-    write_latent_clip(base + ".safetensors", latents, text, args.prompt if not args.text else args.text)
-    print(f"{frames} latent frames in {sum(times):.2f} s (first block {times[0]:.2f} s) -> {base}.safetensors")
-    if args.out.endswith(".mp4"):
-        try:
-            video = WanVAE(args.vae or WAN_DIFFUSERS, device=device).decode(latents)
-        except (ImportError, OSError) as err:  # the optional extra missing, or the VAE weights out of reach
-            print(f"not decoded (the latents are kept): {err}")
-            return latents
-        import imageio.v3 as iio
-        iio.imwrite(args.out, video, fps=16)
-        print(f"decoded {len(video)} frames -> {args.out}")
-    return latents
-
-
-# -----------------------------------------------------------------------------------------------------------
 # The CLI
 
 
@@ -586,14 +451,18 @@ def stdin_prompts():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.bench and args.model:  # the Wan-scale speed benchmark (random weights): wan_scale.py
+        import wan_scale
+        return wan_scale.bench_wan(args)
     if args.bench:
-        return bench_wan(args) if args.model else bench(args)
+        return bench(args)
     # every check before any work
     model, ckpt = load_streamable(args.ckpt)
     device = pick_device(args.device)
     model = model.to(device)
-    if model.cfg.in_dim != 3:  # a Wan-shaped checkpoint: latents, umT5 features, the Wan VAE
-        return main_wan(args, model, ckpt, device)
+    if model.cfg.in_dim != 3:  # a Wan-shaped checkpoint: latents, umT5 features, the Wan VAE (wan_scale.py)
+        import wan_scale
+        return wan_scale.main_wan(args, model, ckpt, device)
     fpb = ckpt["config"].get("frames_per_block", 1)
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
     if n_steps not in (1, 2, 4):

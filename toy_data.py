@@ -267,7 +267,7 @@ class ExactScore(torch.nn.Module):
 
 
 class ToyData:
-    """The toy world behind the interface every stage script trains on; model.LatentFolder is the Wan-scale one.
+    """The toy world behind the interface every stage script trains on; wan_scale.LatentFolder is the Wan-scale one.
         batch(n, generator) -> x0 (n, F, C, H, W), text (n, L, text_dim), null text, prompts
         texts(n, generator) -> text, null text, prompts      (DMD: prompts only, the clips come from rollouts)
         shape = (F, H, W), channels = C

@@ -53,10 +53,10 @@ MUTANTS = [
            "return (critic(x_t, t, ctx) - (x - eps)).pow(2).mean()", [L]),
     # --- the updates ------------------------------------------------------------------------------------------
     Mutant("ema_decay_inverted", "model.py", "p_ema.lerp_(p, 1 - decay)", "p_ema.lerp_(p, decay)", [L]),
-    Mutant("lean_no_momentum_bias_correction", "model.py", "g = m / (1 - b1 ** n)", "g = m", [L]),
-    Mutant("lean_no_second_moment_bias_correction", "model.py", "update = g / ((v / (1 - b2 ** n)).sqrt() + eps)",
+    Mutant("lean_no_momentum_bias_correction", "wan_scale.py", "g = m / (1 - b1 ** n)", "g = m", [L]),
+    Mutant("lean_no_second_moment_bias_correction", "wan_scale.py", "update = g / ((v / (1 - b2 ** n)).sqrt() + eps)",
            "update = g / (v.sqrt() + eps)", [L]),
-    Mutant("lean_no_weight_decay", "model.py", "w.mul_(1 - lr * wd).add_(update, alpha=-lr)",
+    Mutant("lean_no_weight_decay", "wan_scale.py", "w.mul_(1 - lr * wd).add_(update, alpha=-lr)",
            "w.add_(update, alpha=-lr)", [L]),
     # --- the schedule -----------------------------------------------------------------------------------------
     Mutant("add_noise_swapped", "model.py", "return (1 - s) * x0 + s * eps", "return s * x0 + (1 - s) * eps",

@@ -5,19 +5,19 @@ import os
 import pytest
 import torch
 
-import model as M
+import wan_scale as WS
 
 
 def make_folder(tmp_path, n=3, F=5, H=6, W=8, text_dim=64):
     g = torch.Generator().manual_seed(0)
     for i in range(n):
-        M.write_latent_clip(str(tmp_path / f"clip_{i:03d}.safetensors"), torch.randn(F, 16, H, W, generator=g),
+        WS.write_latent_clip(str(tmp_path / f"clip_{i:03d}.safetensors"), torch.randn(F, 16, H, W, generator=g),
                             torch.randn(3 + i, text_dim, generator=g), prompt=f"clip {i}")
     return tmp_path
 
 
 def test_latent_folder_loads_pads_and_batches(tmp_path):
-    folder = M.LatentFolder(str(make_folder(tmp_path)), text_dim=64, text_len=10)
+    folder = WS.LatentFolder(str(make_folder(tmp_path)), text_dim=64, text_len=10)
     assert len(folder) == 3 and folder.shape == (5, 6, 8)
     lat, txt = folder[2]
     assert lat.shape == (5, 16, 6, 8) and txt.shape == (10, 64)
@@ -28,30 +28,30 @@ def test_latent_folder_loads_pads_and_batches(tmp_path):
     txt2, null2, _ = folder.texts(4, torch.Generator().manual_seed(0))  # same clips drawn, text only
     assert torch.equal(txt2, txt) and torch.equal(null2, null)
     # a negative prompt file becomes the unconditional text; frames= crops every clip
-    M.write_latent_clip(str(tmp_path / "negative.safetensors"), torch.zeros(1, 16, 1, 1), torch.ones(2, 64))
-    folder = M.LatentFolder(str(tmp_path), text_dim=64, text_len=10, frames=3)
+    WS.write_latent_clip(str(tmp_path / "negative.safetensors"), torch.zeros(1, 16, 1, 1), torch.ones(2, 64))
+    folder = WS.LatentFolder(str(tmp_path), text_dim=64, text_len=10, frames=3)
     assert len(folder) == 3 and folder[0][0].shape == (3, 16, 6, 8) and folder.negative[:2].eq(1).all()
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]  # atomic writes left nothing behind
 
 
 def test_latent_folder_errors_name_the_file_and_the_difference(tmp_path):
     with pytest.raises(FileNotFoundError, match="write_latent_clip"):
-        M.LatentFolder(str(tmp_path / "nowhere"))
+        WS.LatentFolder(str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="holds no"):
-        M.LatentFolder(str(tmp_path))
+        WS.LatentFolder(str(tmp_path))
     make_folder(tmp_path, text_dim=64)
     from safetensors.torch import save_file
     save_file({"latents": torch.zeros(5, 16, 6, 8)}, str(tmp_path / "clip_no_text.safetensors"))
-    M.write_latent_clip(str(tmp_path / "clip_bad.safetensors"), torch.zeros(5, 4, 6, 8), torch.zeros(3, 64))
+    WS.write_latent_clip(str(tmp_path / "clip_bad.safetensors"), torch.zeros(5, 4, 6, 8), torch.zeros(3, 64))
     with pytest.raises(ValueError, match=r"2 bad entries(.|\n)*clip_bad.safetensors: latents \(5, 4, 6, 8\), "
                                          r"expected \(F, 16, H, W\)(.|\n)*clip_no_text.safetensors: missing \['text'\]"):
-        M.LatentFolder(str(tmp_path), text_dim=64)
+        WS.LatentFolder(str(tmp_path), text_dim=64)
     os.remove(tmp_path / "clip_bad.safetensors"), os.remove(tmp_path / "clip_no_text.safetensors")
     with pytest.raises(ValueError, match=r"text \(3, 64\), expected \(L <= 512, 4096\)"):
-        M.LatentFolder(str(tmp_path))  # features of another text encoder width
-    M.write_latent_clip(str(tmp_path / "clip_big.safetensors"), torch.zeros(5, 16, 12, 8), torch.zeros(3, 64))
+        WS.LatentFolder(str(tmp_path))  # features of another text encoder width
+    WS.write_latent_clip(str(tmp_path / "clip_big.safetensors"), torch.zeros(5, 16, 12, 8), torch.zeros(3, 64))
     with pytest.raises(ValueError, match=r"cannot be batched.*\(5, 12, 8\)"):
-        M.LatentFolder(str(tmp_path), text_dim=64)
+        WS.LatentFolder(str(tmp_path), text_dim=64)
     with pytest.raises(ValueError, match="4 latent frames, fewer than the 6"):
-        M.write_latent_clip(str(tmp_path / "clip_big.safetensors"), torch.zeros(4, 16, 6, 8), torch.zeros(3, 64))
-        M.LatentFolder(str(tmp_path), text_dim=64, frames=6)
+        WS.write_latent_clip(str(tmp_path / "clip_big.safetensors"), torch.zeros(4, 16, 6, 8), torch.zeros(3, 64))
+        WS.LatentFolder(str(tmp_path), text_dim=64, frames=6)

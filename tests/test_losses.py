@@ -10,6 +10,7 @@ import ar_teacher
 import causal_cd
 import dmd
 import model as M
+import wan_scale as WS
 import ode_init
 
 
@@ -215,7 +216,7 @@ def test_lean_adamw_equals_torch_adamw_with_momentum_and_weight_decay(betas):
     grads_vec = [rand(7, seed=21 + i) for i in range(3)]
     init_mat, init_vec = rand(6, 5, seed=30), rand(7, seed=31)
     params = {}
-    for name, cls in (("lean", M.LeanAdamW), ("torch", torch.optim.AdamW)):
+    for name, cls in (("lean", WS.LeanAdamW), ("torch", torch.optim.AdamW)):
         pm, pv = nn.Parameter(init_mat.clone()), nn.Parameter(init_vec.clone())
         opt = cls([pm, pv], lr=0.05, betas=betas, eps=1e-8, weight_decay=0.1)
         for gm, gv in zip(grads_mat, grads_vec):

@@ -9,6 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import model as M
+import wan_scale as WS
 
 
 class LiveBytes(TorchDispatchMode):
@@ -98,7 +99,7 @@ def test_planner_within_25_percent_of_measured_cpu_peak(stage, grad_checkpointin
     ctx = torch.randn(BATCH, CFG.text_len, CFG.text_dim, generator=g)
     with LiveBytes() as meter:
         (ar_steps if stage == "ar" else dmd_steps)(CFG, x0, ctx, grad_checkpointing, g)
-    plan = M.plan_memory(stage, CFG, BATCH, FRAMES, H, W, grad_checkpointing=grad_checkpointing)
+    plan = WS.plan_memory(stage, CFG, BATCH, FRAMES, H, W, grad_checkpointing=grad_checkpointing)
     ratio = plan["total"] / meter.peak
     print(f"{stage}, checkpointing {grad_checkpointing}: plan {plan['total'] / 2 ** 20:.0f} MiB, measured "
           f"{meter.peak / 2 ** 20:.0f} MiB, ratio {ratio:.2f}")  # pytest -s shows it
@@ -124,7 +125,7 @@ def test_live_bytes_meter_counts_allocations_and_frees():
 def test_stochastic_rounding_is_unbiased_where_round_to_nearest_loses_the_update():
     x = torch.full((200_000,), 1.0 + 1e-3)  # between the bf16 neighbours 1.0 and 1.0078125
     assert x.to(torch.bfloat16).float().unique().tolist() == [1.0]  # round-to-nearest: the 1e-3 is gone
-    r = M.stochastic_round_bf16(x).float()
+    r = WS.stochastic_round_bf16(x).float()
     assert set(r.unique().tolist()) == {1.0, 1.0078125}
     assert abs(r.mean().item() - (1.0 + 1e-3)) < 1e-4  # on average it lands
 
@@ -136,14 +137,14 @@ def test_lean_adamw_factored_moment_is_exact_for_rank_one_squares_and_updates_bf
     g = (a[:, None] * b[None]).sqrt() * torch.where(torch.rand(6, 5) > 0.5, 1.0, -1.0)
     p1, p2 = torch.nn.Parameter(torch.zeros(6, 5)), torch.nn.Parameter(torch.zeros(6, 5))
     p1.grad, p2.grad = g.clone(), g.clone()
-    M.LeanAdamW([p1], lr=0.1, betas=(0.0, 0.999)).step()
+    WS.LeanAdamW([p1], lr=0.1, betas=(0.0, 0.999)).step()
     torch.optim.AdamW([p2], lr=0.1, betas=(0.0, 0.999), weight_decay=0.0).step()
     assert torch.allclose(p1, p2, atol=1e-5)
     # bf16 weights: 2000 steps of lr 1e-4 on weights of 1.0 move them by ~0.2 (each step alone is far below the
     # bf16 spacing of 0.0078); torch AdamW's round-to-nearest leaves them at exactly 1.0
     w_lean = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
     w_adam = torch.nn.Parameter(torch.ones(64, 64, dtype=torch.bfloat16))
-    opt_lean = M.LeanAdamW([w_lean], lr=1e-4, betas=(0.0, 0.999))
+    opt_lean = WS.LeanAdamW([w_lean], lr=1e-4, betas=(0.0, 0.999))
     opt_adam = torch.optim.AdamW([w_adam], lr=1e-4, betas=(0.0, 0.999), weight_decay=0.0)
     for _ in range(2000):
         w_lean.grad = torch.ones_like(w_lean)
@@ -172,7 +173,7 @@ def wan_tiny(tmp_path_factory):
               str(root / "wan" / "diffusion_pytorch_model.safetensors"))
     g = torch.Generator().manual_seed(0)
     for i in range(4):  # 3 latent frames of 4 x 8 latents, prompts of 7..10 umT5 tokens
-        M.write_latent_clip(str(root / "latents" / f"clip_{i}.safetensors"), torch.randn(3, 16, 4, 8, generator=g),
+        WS.write_latent_clip(str(root / "latents" / f"clip_{i}.safetensors"), torch.randn(3, 16, 4, 8, generator=g),
                             torch.randn(7 + i, 4096, generator=g), prompt=f"clip {i}")
     return root
 
@@ -236,9 +237,9 @@ def test_wan_scale_errors_say_what_to_do(wan_tiny, capsys):
     with pytest.raises(ValueError, match="at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights"):
         ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", "ar", "--data", str(root / "latents")]))
     with pytest.raises(ValueError, match="needs a Wan-shaped model"):
-        M.open_data(str(root / "latents"), M.PRESETS["toy"])
+        WS.open_data(str(root / "latents"), M.PRESETS["toy"])
     with pytest.raises(ValueError, match="needs the toy model"):
-        M.open_data("toy", M.PRESETS["wan-tiny"])
+        WS.open_data("toy", M.PRESETS["wan-tiny"])
     with pytest.raises(ValueError, match="pass --model wan2.1-1.3b --init-weights"):
         ar_teacher.load_base(ar_teacher.Config(data=str(root / "latents")))
     with pytest.raises(ValueError, match="unknown --model"):
@@ -263,16 +264,16 @@ def test_dry_run_prints_the_plan_without_loading_anything(wan_tiny, capsys):
 
 def test_random_weights_and_synthetic_latents_run_a_stage_without_any_files(tmp_path, capsys):
     # the GPU memory measurement's path: --init-weights random --data FxHxW, nothing downloaded or encoded
-    data = M.open_data("3x4x8", M.PRESETS["wan-tiny"])
+    data = WS.open_data("3x4x8", M.PRESETS["wan-tiny"])
     x0, txt, null, prompts = data.batch(2, generator=torch.Generator().manual_seed(0))
     assert x0.shape == (2, 3, 16, 4, 8) and txt.shape == (2, 512, 4096) and null.abs().sum() == 0 and prompts is None
     assert txt[:, :64].abs().sum() > 0 and txt[:, 64:].abs().sum() == 0  # 64 prompt tokens, zero padding
     with pytest.raises(ValueError, match="needs the toy model"):
-        M.open_data("toy", M.PRESETS["wan-tiny"])
-    base, record = M.wan_base("wan-tiny", "random")
+        WS.open_data("toy", M.PRESETS["wan-tiny"])
+    base, record = WS.wan_base("wan-tiny", "random")
     assert base.head.head.weight.abs().sum() > 0 and record["init_weights"] == "random"
-    M.limit_memory(torch.device("cpu"), 24.0)  # a no-op without a GPU
-    assert M.report_memory(torch.device("cpu"), "ar", M.ScaleOptions(), 1) is None
+    WS.limit_memory(torch.device("cpu"), 24.0)  # a no-op without a GPU
+    assert WS.report_memory(torch.device("cpu"), "ar", WS.ScaleOptions(), 1) is None
     import ar_teacher
     ar_teacher.train(M.parse_config(ar_teacher.Config, [
         "--phase", "ar", "--ar-steps", "1", "--batch-size", "1", "--model", "wan-tiny", "--init-weights", "random",
@@ -283,12 +284,12 @@ def test_random_weights_and_synthetic_latents_run_a_stage_without_any_files(tmp_
 
 
 def test_clip_frames_crops_a_latent_folder_for_training_and_planning(wan_tiny, capsys):
-    data = M.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=2)
+    data = WS.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=2)
     assert data.shape == (2, 4, 8) and data.batch(1)[0].shape == (1, 2, 16, 4, 8)
     with pytest.raises(ValueError, match="fewer than the 5 a clip needs"):
-        M.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=5)
+        WS.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=5)
     with pytest.raises(ValueError, match="--clip-frames crops the clips of a latent folder"):
-        M.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=2)
+        WS.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=2)
     import causal_cd
     causal_cd.train(M.parse_config(causal_cd.Config, ["--dry-run", "--model", "wan2.1-1.3b", "--batch-size", "1",
                                                       "--data", str(wan_tiny / "latents"), "--clip-frames", "2"]))

@@ -1,0 +1,719 @@
+"""
+wan_scale.py — everything that exists only to run the stages at Wan2.1 scale on one 24 GB GPU. The toy never
+needs this file; read it after model.py and the stage scripts.
+
+    LatentFolder / write_latent_clip     the training data at scale: Wan VAE latents + umT5 features, one file a clip
+    WanTextEncoder / WanVAE              encoding prompts and videos, decoding latents (requirements-wan.txt)
+    ScaleOptions / open_data / wan_base  the options every stage script shares (--data / --model / --init-weights ...)
+    LeanAdamW / prepare                  bf16 weights with a factored second moment and stochastic rounding
+    plan_memory / dry_run / ...          the memory planner: what fits in 24 GB, before anything is allocated
+    bench_wan / main_wan                 the streaming speed benchmark and streaming latents to MP4
+
+Commands (needs requirements-wan.txt): make a latent folder from videos (NAME.mp4) and their prompts (NAME.txt),
+    python wan_scale.py --videos VIDEO_DIR --out LATENT_DIR [--negative "..."] [--frames 81] [--size 480x832]
+"""
+import argparse
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+import torch.nn.functional as F
+
+from model import PRESETS, DiT, RMSNorm, autocast, load_wan_weights, pick_device, warped_steps
+from sample_stream import _sync, timed_stream
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Wan-scale data: a latent folder (precomputed Wan VAE latents and umT5 text features, one file per clip)
+
+
+def write_latent_clip(path, latents, text, prompt=""):
+    """Write one clip of a latent folder, atomically: latents (F, 16, H, W) from the Wan VAE (as its encoder
+    returns them, already normalised), text (L, 4096) the umT5-XXL features of the prompt (unpadded, L <= 512)."""
+    from safetensors.torch import save_file
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({"latents": latents.contiguous(), "text": text.contiguous()}, tmp, metadata={"prompt": prompt})
+    os.replace(tmp, path)
+
+
+class LatentFolder:
+    """The training data of every stage at Wan scale (stage 0 is skipped there: the base is Wan2.1 itself).
+
+    <folder>/*.safetensors, one per clip, each holding
+        latents   (F, C, H, W)  Wan VAE latents, C = 16; 81 frames of 480x832 are (21, 16, 60, 104)
+        text      (L, 4096)     umT5-XXL features of the prompt, L <= text_len (512), zero-padded here
+    and, optionally, negative.safetensors holding `text` for the unconditional / negative prompt (Wan's CFG uses
+    its default negative prompt; without the file the unconditional branch is all zeros, like the toy).
+    Every file's keys and shapes are checked when the folder is opened, so a bad entry fails before training
+    starts, with the file and what differs."""
+
+    def __init__(self, path, in_dim=16, text_dim=4096, text_len=512, frames=None):
+        from safetensors import safe_open
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"latent folder {path} not found; write one clip per file with "
+                                    f"model.write_latent_clip(path, latents (F, {in_dim}, H, W), text (L, {text_dim}))")
+        self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if f.endswith(".safetensors") and f != "negative.safetensors")
+        if not self.files:
+            raise ValueError(f"latent folder {path} holds no *.safetensors clips")
+        self.in_dim, self.text_dim, self.text_len, self.frames = in_dim, text_dim, text_len, frames
+        problems, shapes = [], {}
+        for fname in self.files:
+            with safe_open(fname, framework="pt") as f:
+                keys = set(f.keys())
+                missing = {"latents", "text"} - keys
+                if missing:
+                    problems.append(f"{fname}: missing {sorted(missing)} (has {sorted(keys)})")
+                    continue
+                lat, txt = tuple(f.get_slice("latents").get_shape()), tuple(f.get_slice("text").get_shape())
+            if len(lat) != 4 or lat[1] != in_dim:
+                problems.append(f"{fname}: latents {lat}, expected (F, {in_dim}, H, W)")
+            elif frames is not None and lat[0] < frames:
+                problems.append(f"{fname}: {lat[0]} latent frames, fewer than the {frames} a clip needs")
+            if len(txt) != 2 or txt[1] != text_dim or txt[0] > text_len:
+                problems.append(f"{fname}: text {txt}, expected (L <= {text_len}, {text_dim})")
+            shapes.setdefault((lat[0] if frames is None else frames,) + lat[2:], []).append(fname)
+        if len(shapes) > 1 and not problems:
+            summary = "; ".join(f"{len(v)} clip(s) of (F, H, W) = {k}, e.g. {v[0]}" for k, v in shapes.items())
+            problems.append(f"clips differ in size and cannot be batched: {summary} (re-encode at one size, or "
+                            f"pass frames= to crop to a common length)")
+        if problems:
+            shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+            raise ValueError(f"latent folder {path} has {len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}:"
+                             f"\n  {shown}")
+        self.shape = next(iter(shapes))  # (F, H, W)
+        neg = os.path.join(path, "negative.safetensors")
+        self.negative = self._load(neg)[1] if os.path.exists(neg) else torch.zeros(text_len, text_dim)
+
+    def _pad_text(self, text):
+        out = torch.zeros(self.text_len, self.text_dim)
+        out[:text.shape[0]] = text.float()
+        return out
+
+    def _load(self, fname):
+        from safetensors.torch import load_file
+        d = load_file(fname)
+        lat = d["latents"].float()[:self.frames] if "latents" in d else None
+        return lat, self._pad_text(d["text"])
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        """(latents (F, C, H, W) float32, text (text_len, text_dim) float32)"""
+        return self._load(self.files[i])
+
+    is_toy = False
+
+    @property
+    def channels(self):
+        return self.in_dim
+
+    def batch(self, n, generator=None):
+        """n random clips: latents (n, F, C, H, W), text (n, text_len, text_dim), the matching null text, and
+        None for the prompts (the same interface as toy_data.ToyData)."""
+        idx = torch.randint(0, len(self), (n,), generator=generator).tolist()
+        lat, txt = zip(*(self[i] for i in idx))
+        return torch.stack(lat), torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None
+
+    def texts(self, n, generator=None):
+        """Text features of n random clips (DMD needs prompts only): text, null text, None."""
+        idx = torch.randint(0, len(self), (n,), generator=generator).tolist()
+        from safetensors import safe_open
+        txt = []
+        for i in idx:
+            with safe_open(self.files[i], framework="pt") as f:
+                txt.append(self._pad_text(f.get_tensor("text")))
+        return torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None
+
+
+@dataclass
+class ScaleOptions:
+    """Options every stage script shares for Wan scale (README, "Wan scale"); each script's Config extends it.
+    At the defaults the scripts run the toy exactly as before."""
+    data: str = "toy"  # "toy", or a latent folder of Wan VAE latents + umT5 features (wan_scale.LatentFolder)
+    model: str = "toy"  # preset of the base model: "toy" (ar_teacher.py --phase base trains it) or a Wan preset
+    init_weights: str = ""  # Wan2.1 weights of the base: at Wan scale the base *is* Wan2.1 and stage 0 is skipped;
+    # "random": random weights in the preset's shape (memory / speed measurement)
+    param_dtype: str = "float32"  # "bfloat16" halves weights and gradients (pair it with --optimizer lean)
+    optimizer: str = "adamw"  # "adamw" (torch) or "lean" (LeanAdamW: factored 2nd moment, stochastic rounding)
+    grad_checkpointing: bool = False  # recompute each block in backward: activations ~ one block + block inputs
+    dry_run: bool = False  # print this stage's planned peak memory (nothing is allocated) and exit; with
+    # --data may also be a latent clip size FxHxW, e.g. 21x60x104 (81 frames of 480x832): the plan for that size,
+    # or, in a run, synthetic random latents of that size (with --init-weights random: memory / speed measurement)
+    clip_frames: int = 0  # train on the first N latent frames of each clip of a latent folder (0 = all): 9 of the
+    # 21 of an 81-frame 480x832 clip fit stages 1-3 in 24 GiB (README, "Wan scale")
+    memory_cap_gib: float = 24.0  # GPU memory this process may use (0 = all) and the plan is checked against
+
+
+# Encoding prompts and videos, decoding latents: the optional extra (requirements-wan.txt). The stages never
+# need it: they read a latent folder. Text: umT5-XXL features exactly as Wan's pipeline makes them (tokens padded
+# to 512, the padding rows dropped, zero rows appended later by LatentFolder). Video: the Wan VAE's latent mean,
+# normalised per channel, (z - latents_mean) / latents_std, the form the DiT is trained on.
+
+WAN_DIFFUSERS = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"  # the repo with tokenizer/, text_encoder/ and vae/ subfolders
+
+
+def _optional(module):
+    import importlib
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(f"encoding prompts / videos and decoding latents needs `{module}`: pip install -r "
+                          f"requirements-wan.txt (the stage scripts themselves run on precomputed latents "
+                          f"without it)") from err
+
+
+class WanTextEncoder:
+    """Prompts -> umT5-XXL features [(L_i, 4096)], L_i <= 512 the prompt's token count (Wan's prompt_embeds)."""
+
+    def __init__(self, repo=WAN_DIFFUSERS, device="cpu"):
+        transformers = _optional("transformers")
+        self.device = torch.device(device)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(repo, subfolder="tokenizer")
+        self.encoder = transformers.UMT5EncoderModel.from_pretrained(repo, subfolder="text_encoder",
+                                                                    torch_dtype=torch.bfloat16).to(device).eval()
+
+    @torch.no_grad()
+    def __call__(self, prompts):
+        tok = self.tokenizer(prompts, padding="max_length", max_length=512, truncation=True,
+                             add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+        mask = tok.attention_mask.to(self.device)
+        hidden = self.encoder(tok.input_ids.to(self.device), mask).last_hidden_state
+        return [h[:n].float().cpu() for h, n in zip(hidden, mask.sum(1).tolist())]
+
+
+class WanVAE:
+    """Videos (T, H, W, 3) uint8, T = 4k + 1 -> latents (k + 1, 16, H/8, W/8), and back."""
+
+    def __init__(self, repo=WAN_DIFFUSERS, device="cpu", dtype=torch.float32):
+        diffusers = _optional("diffusers")
+        self.device, self.dtype = torch.device(device), dtype
+        if repo == "random":  # AutoencoderKLWan's default config is the Wan2.1 VAE's: timing decode without weights
+            print("--vae random: the Wan2.1 VAE architecture with RANDOM weights (decode timing only)")
+            self.vae = diffusers.AutoencoderKLWan().to(device, dtype).eval()
+        else:
+            try:
+                self.vae = diffusers.AutoencoderKLWan.from_pretrained(repo, subfolder="vae", torch_dtype=dtype)
+            except OSError as err:  # no such folder, and the hub unreachable or the repo missing
+                raise OSError(f"could not load the Wan2.1 VAE from {repo!r} ({str(err).splitlines()[0]}); download "
+                              f"{WAN_DIFFUSERS} and pass its folder with --vae") from None
+            self.vae = self.vae.to(device).eval()
+        c = self.vae.config
+        self.mean = torch.tensor(c.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self.std = torch.tensor(c.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+
+    @torch.no_grad()
+    def encode(self, video):
+        x = torch.as_tensor(video).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W) in [-1, 1]
+        z = self.vae.encode(x.to(self.device, self.dtype)).latent_dist.mode().float().cpu()
+        return ((z - self.mean) / self.std)[0].transpose(0, 1).contiguous()  # (F, 16, h, w)
+
+    @torch.no_grad()
+    def decode(self, latents):
+        z = latents.float().transpose(0, 1)[None] * self.std + self.mean  # (1, 16, F, h, w), un-normalised
+        x = self.vae.decode(z.to(self.device, self.dtype)).sample[0].float().cpu()  # (3, T, H, W)
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+
+
+def read_video(path, frames=81, size=(480, 832)):
+    """The first `frames` frames of a video file, centre-cropped to the aspect of `size` and resized to it:
+    (T, H, W, 3) uint8. Wan2.1-1.3B's native clip is 81 frames of 480 x 832."""
+    import imageio.v3 as iio
+    import numpy as np
+    video = np.asarray(iio.imread(path, index=None))[:frames]  # (T, H, W, 3)
+    if len(video) < frames:
+        raise ValueError(f"{path} has {len(video)} frames, fewer than the {frames} asked for")
+    x = torch.from_numpy(video[..., :3]).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
+    H, W = x.shape[2:]
+    scale = max(size[0] / H, size[1] / W)
+    x = F.interpolate(x, size=(max(size[0], round(H * scale)), max(size[1], round(W * scale))), mode="area")
+    top, left = (x.shape[2] - size[0]) // 2, (x.shape[3] - size[1]) // 2
+    x = x[:, :, top:top + size[0], left:left + size[1]]
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), device="cpu"):
+    """videos/NAME.mp4 with its prompt in videos/NAME.txt -> out/NAME.safetensors (wan_scale.LatentFolder's format)."""
+    names = sorted(os.path.splitext(f)[0] for f in os.listdir(videos) if f.endswith((".mp4", ".gif", ".webm", ".mov")))
+    missing = [n for n in names if not os.path.exists(os.path.join(videos, n + ".txt"))]
+    if not names or missing:
+        raise ValueError(f"{videos}: expected NAME.mp4 + NAME.txt (the prompt) pairs; "
+                         + (f"no prompt file for {missing[:5]}" if names else "no videos found"))
+    from tqdm import tqdm
+    text, vae = WanTextEncoder(device=device), WanVAE(device=device)
+    if negative:
+        write_latent_clip(os.path.join(out, "negative.safetensors"), torch.zeros(1, 16, 1, 1), text([negative])[0])
+    for name in tqdm(names, desc="encoding clips"):
+        dest = os.path.join(out, name + ".safetensors")
+        if os.path.exists(dest):  # resumable: clips already written are kept
+            continue
+        video_path = next(os.path.join(videos, name + e) for e in (".mp4", ".gif", ".webm", ".mov")
+                          if os.path.exists(os.path.join(videos, name + e)))
+        prompt = open(os.path.join(videos, name + ".txt")).read().strip()
+        write_latent_clip(dest, vae.encode(read_video(video_path, frames, size)), text([prompt])[0], prompt)
+
+
+def open_data(spec, model_cfg, clip_frames=0):
+    """A stage's training data: "toy" (toy_data.ToyData, the 16x16 world), a latent folder for a Wan-shaped model
+    (its clips cropped to their first `clip_frames` latent frames when > 0), or "FxHxW" (SyntheticLatents). All
+    answer batch(n, generator) -> (x0, text, null text, prompts) and texts(n, generator)."""
+    if clip_frames and (spec == "toy" or parse_clip_size(spec)):
+        raise ValueError(f"--clip-frames crops the clips of a latent folder; --data {spec} sets its frames itself")
+    if spec == "toy":
+        if model_cfg.in_dim != 3:
+            raise ValueError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "
+                             f"--data <latent folder> for a Wan-shaped model")
+        import toy_data
+        return toy_data.ToyData()
+    if model_cfg.in_dim == 3:
+        raise ValueError(f"--data {spec}: a latent folder needs a Wan-shaped model (--model wan2.1-1.3b or wan-tiny "
+                         f"with --init-weights); the toy model reads --data toy")
+    size = parse_clip_size(spec)
+    if size:
+        return SyntheticLatents(size, model_cfg)
+    return LatentFolder(spec, in_dim=model_cfg.in_dim, text_dim=model_cfg.text_dim, text_len=model_cfg.text_len,
+                        frames=clip_frames or None)
+
+
+def parse_clip_size(spec):
+    """"21x60x104" -> (21, 60, 104) (latent frames, height, width); anything else -> None."""
+    parts = spec.lower().split("x")
+    return tuple(int(v) for v in parts) if len(parts) == 3 and all(v.isdigit() for v in parts) else None
+
+
+class SyntheticLatents:
+    """--data FxHxW at Wan scale: random latents of that size and random umT5-shaped text (64 tokens, zero-padded
+    to text_len), with LatentFolder's interface. For measuring a stage's memory and speed (with
+    --init-weights random) without a dataset; there is nothing to learn in it."""
+
+    is_toy = False
+
+    def __init__(self, size, model_cfg, prompt_tokens=64):
+        self.shape, self.in_dim = size, model_cfg.in_dim
+        self.text_len, self.text_dim, self.prompt_tokens = model_cfg.text_len, model_cfg.text_dim, prompt_tokens
+        self.negative = torch.zeros(self.text_len, self.text_dim)
+        print(f"--data {'x'.join(map(str, size))}: SYNTHETIC random latents (memory / speed measurement only)")
+
+    @property
+    def channels(self):
+        return self.in_dim
+
+    def texts(self, n, generator=None):
+        txt = torch.zeros(n, self.text_len, self.text_dim)
+        txt[:, :self.prompt_tokens] = torch.randn(n, min(self.prompt_tokens, self.text_len), self.text_dim,
+                                                  generator=generator)
+        return txt, self.negative.expand(n, -1, -1).clone(), None
+
+    def batch(self, n, generator=None):
+        x0 = torch.randn(n, self.shape[0], self.in_dim, *self.shape[1:], generator=generator)
+        return (x0, *self.texts(n, generator))
+
+
+def wan_base(preset, init_weights, device="cpu"):
+    """The pretrained bidirectional base at Wan scale (stage 0 is skipped there: the base *is* Wan2.1): a DiT of
+    the preset with the weights at `init_weights`, plus a checkpoint-like record for the stages that cite it.
+    init_weights="random": random weights in the preset's shape, for measuring memory and speed without a download
+    (memory and speed do not depend on the values; the zero-initialised head is filled in so outputs are not 0)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown --model {preset!r}; presets: {sorted(PRESETS)}")
+    if init_weights == "random":
+        print(f"--init-weights random: {preset} with RANDOM weights (memory / speed measurement only, nothing to learn)")
+        torch.manual_seed(0)
+        with torch.device(device):  # built where it runs: initialising 1.4B weights on a CPU takes ~20 s
+            model = DiT(PRESETS[preset])
+        with torch.no_grad():
+            for p in model.parameters():
+                if not p.any():
+                    p.normal_(0, 0.02)
+    else:
+        model = load_wan_weights(DiT(PRESETS[preset]), init_weights)
+    record = dict(stage="base", model_config=dataclasses.asdict(model.cfg), step=0, init_weights=init_weights)
+    return model.to(device).eval(), record
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Memory for one 24 GB GPU: bf16 weights with a lean optimizer, and a planner that says what fits before
+# anything is allocated. (Gradient checkpointing is DiT.gradient_checkpointing.)
+
+
+def stochastic_round_bf16(x):
+    """float32 -> bfloat16, rounding up or down at random with the probability that makes the result unbiased
+    (E[round(x)] = x). bf16 keeps 8 mantissa bits, so an update 1000x smaller than a weight is lost by
+    round-to-nearest every time; stochastic rounding lands it on average. Trick: add 16 random low bits to the
+    float32 bit pattern, then drop the low 16 bits (what is left is exactly a bf16 number)."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint_like(bits, 0, 1 << 16)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class LeanAdamW(torch.optim.Optimizer):
+    """AdamW for bf16 weights on one GPU. The second moment of every matrix is factored into row and column means
+    (Adafactor, Shazeer & Stern 2018: v_ij ~ r_i c_j / mean(r), O(m + n) floats instead of O(mn)); the first
+    moment, if beta1 > 0, is kept in the weights' dtype; the step is computed in float32 and written back to
+    bf16 weights with stochastic rounding. Per parameter: 2 bytes weight + 2 grad (+ 2 momentum) against
+    4 + 4 + 8 for float32 AdamW. With beta1 = 0 (the official stage 2-3 betas (0, 0.999)) there is no first
+    moment at all. Parameters with one dimension keep an unfactored second moment."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.0, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float().reshape(p.shape[0], -1) if p.dim() >= 2 else p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    if p.dim() >= 2:  # rows: first dim; columns: everything else flattened
+                        state["row"] = torch.zeros(g.shape[0], device=p.device)
+                        state["col"] = torch.zeros(g.shape[1], device=p.device)
+                    else:
+                        state["v"] = torch.zeros_like(g)
+                    if b1 > 0:
+                        state["m"] = torch.zeros(g.shape, device=p.device, dtype=p.dtype)
+                state["step"] += 1
+                n = state["step"]
+                g2 = g * g + 1e-30
+                if p.dim() >= 2:
+                    state["row"].lerp_(g2.mean(1), 1 - b2)
+                    state["col"].lerp_(g2.mean(0), 1 - b2)
+                    v = state["row"][:, None] * state["col"][None, :] / state["row"].mean()
+                else:
+                    v = state["v"].lerp_(g2, 1 - b2)
+                if b1 > 0:
+                    m = state["m"].float().lerp_(g, 1 - b1)
+                    state["m"].copy_(m)
+                    g = m / (1 - b1 ** n)
+                update = g / ((v / (1 - b2 ** n)).sqrt() + eps)  # bias-corrected, like AdamW
+                w = p.float().reshape(g.shape)
+                w.mul_(1 - lr * wd).add_(update, alpha=-lr)  # decoupled weight decay
+                w = w.reshape(p.shape)
+                p.copy_(stochastic_round_bf16(w) if p.dtype == torch.bfloat16 else w)
+
+
+def make_optimizer(params, name, lr, betas, weight_decay):
+    """'adamw': torch AdamW (its states take the parameters' dtype). 'lean': LeanAdamW."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    if name == "lean":
+        return LeanAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
+    raise ValueError(f"--optimizer must be 'adamw' or 'lean' (got {name!r})")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def prepare(model, param_dtype="float32", grad_checkpointing=False):
+    """Apply a script's memory options to a model: weight dtype and gradient checkpointing. With bfloat16 the
+    matrices (Linear, Conv3d) and the q/k RMSNorm scales become bf16; the LayerNorm of the float32 residual
+    stream and the modulation vectors (added to float32 time embeddings) stay float32: ~0.1% of the weights."""
+    if param_dtype not in DTYPES:
+        raise ValueError(f"--param-dtype must be one of {sorted(DTYPES)} (got {param_dtype!r})")
+    model.gradient_checkpointing = grad_checkpointing
+    for m in model.modules():
+        if isinstance(m, (nn.Linear, nn.Conv3d, RMSNorm)):
+            m.to(DTYPES[param_dtype])
+    return model
+
+
+def activation_bytes(cfg, batch, tokens, queries_out, text_len, act_bytes, grad_checkpointing):
+    """Bytes autograd keeps for one forward of `tokens` tokens per sample through the DiT (backward peak).
+    Per layer and token, counted from Block.forward: the residual stream (float32, kept between sublayers),
+    ~24 D-wide and 2 ffn-wide activations in the compute dtype (norm/modulate outputs, q/k/v before and after
+    RMSNorm and RoPE, attention in/out, ffn hidden before and after GELU), and the text K/V per layer. With
+    gradient checkpointing only each block's float32 input is kept, plus one block's activations while it is
+    recomputed in backward. `queries_out` tokens go through the head (the noisy half under teacher forcing)."""
+    D, Fh, layers = cfg.dim, cfg.ffn_dim, cfg.num_layers
+    per_layer = batch * tokens * (24 * D * act_bytes + 2 * Fh * act_bytes + 3 * D * 4) \
+        + batch * text_len * 4 * D * act_bytes
+    head = batch * queries_out * (3 * D * 4 + 2 * math.prod(cfg.patch) * cfg.out_dim * 4)
+    if grad_checkpointing:
+        return layers * batch * tokens * D * 4 + per_layer + head
+    return layers * per_layer + head
+
+
+def kv_cache_bytes(cfg, batch, frames, tokens_per_frame, act_bytes):
+    """The self-attention K/V of `frames` frames in every layer, plus the text K/V per layer."""
+    return cfg.num_layers * batch * (2 * frames * tokens_per_frame + 2 * cfg.text_len) * cfg.dim * act_bytes
+
+
+def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype="float32", optimizer="adamw",
+                grad_checkpointing=False, ema=True, act_dtype=None, momentum=False):
+    """Estimated peak memory of one training step of a stage, in bytes, by part. Nothing is allocated.
+    stage: 'base' (stage 0, bidirectional), 'ar' (teacher forcing, stage 1) and 'ode' (stage 2a student), 'cd'
+    (stage 2b: + frozen teacher + EMA target), 'dmd' (stage 3: generator + critic trainable, frozen real score),
+    'stream' (inference).
+    act_dtype: the compute dtype of activations (bfloat16 under CUDA autocast, float32 on CPU)."""
+    pb = DTYPES[param_dtype].itemsize
+    ab = (DTYPES[act_dtype] if act_dtype else torch.float32).itemsize
+    n_params = sum(math.prod(s) for s in _param_shapes(cfg))
+    w = n_params * pb
+    opt = _optimizer_bytes_from_shapes(cfg, optimizer, pb, momentum)
+    tpf = (H // cfg.patch[1]) * (W // cfg.patch[2])
+    N = frames * tpf
+    tf_act = activation_bytes(cfg, batch, 2 * N, N, cfg.text_len, ab, grad_checkpointing)  # [clean | noisy]
+    bi_act = activation_bytes(cfg, batch, N, N, cfg.text_len, ab, grad_checkpointing)
+    io = 8 * batch * frames * cfg.in_dim * H * W * 4  # clips, noise, targets, predictions (float32)
+    parts = {}
+    if stage == "base":  # model + EMA, whole clips bidirectionally
+        parts = dict(weights=w * (2 if ema else 1), grads=w, optimizer=opt, activations=bi_act)
+    elif stage in ("ar", "ode"):  # model + EMA, teacher forcing over [clean | noisy]
+        parts = dict(weights=w * (2 if ema else 1), grads=w, optimizer=opt, activations=tf_act)
+    elif stage == "cd":  # student (trainable) + EMA target + frozen teacher
+        parts = dict(weights=3 * w, grads=w, optimizer=opt, activations=tf_act)
+    elif stage == "dmd":  # generator + critic trainable, real score frozen, optional generator EMA
+        kv = kv_cache_bytes(cfg, batch, frames, tpf, ab)
+        # generator update: the exit-step forwards of all blocks keep ~one whole-clip forward of activations (with
+        # checkpointing: each block's layer inputs); the critic's whole-clip forward keeps the same, after it
+        parts = dict(weights=w * (4 if ema else 3), grads=2 * w, optimizer=2 * opt, activations=bi_act,
+                     kv_cache=kv)
+        if not grad_checkpointing:  # each exit step also keeps [past | own] K/V per layer, a copy: block b of
+            Lb, nb = frames_per_block * tpf, frames // frames_per_block  # Lb tokens sees (b + 1) Lb keys
+            parts["exit_step_kv"] = cfg.num_layers * batch * 2 * Lb * nb * (nb + 1) // 2 * cfg.dim * ab
+    elif stage == "stream":
+        parts = dict(weights=w, kv_cache=kv_cache_bytes(cfg, batch, frames, tpf, ab),
+                     activations=batch * frames_per_block * tpf * (4 * cfg.dim + cfg.ffn_dim) * ab * 2)
+    else:
+        raise ValueError(f"unknown stage {stage!r}")
+    parts["inputs"] = io
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
+    """The plan of one training step of a stage script with these options, at the data's clip size:
+    (parts, a line describing what was planned). Activations are bf16 on a GPU (autocast) or with bf16 weights."""
+    if opts.model not in PRESETS:
+        raise ValueError(f"unknown --model {opts.model!r}; presets: {sorted(PRESETS)}")
+    cfg = PRESETS[opts.model]
+    if opts.data == "toy":
+        import toy_data
+        frames, H, W = toy_data.ToyData.shape
+    elif parse_clip_size(opts.data):  # --data FxHxW
+        frames, H, W = parse_clip_size(opts.data)
+    else:
+        frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len, opts.clip_frames or None).shape
+    act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"
+    parts = plan_memory(stage, cfg, batch, frames, H, W, frames_per_block, opts.param_dtype, opts.optimizer,
+                        opts.grad_checkpointing, ema=ema, act_dtype=act, momentum=momentum)
+    what = (f"{opts.model}, batch {batch}, clips of {frames} x {H} x {W} "
+            f"({frames * (H // cfg.patch[1]) * (W // cfg.patch[2])} tokens), weights {opts.param_dtype}, activations "
+            f"{act}, optimizer {opts.optimizer}, gradient checkpointing {'on' if opts.grad_checkpointing else 'off'}")
+    return parts, what
+
+
+def dry_run(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
+    """--dry-run: the plan for this stage at the data's clip size, printed before anything is loaded."""
+    parts, what = plan_for(stage, opts, batch, frames_per_block, ema, momentum)
+    print(what)
+    print(format_plan(stage, parts, opts.memory_cap_gib))
+    return parts
+
+
+def limit_memory(device, cap_gib):
+    """On a GPU, hold this process to cap_gib of device memory (torch.cuda.set_per_process_memory_fraction), so a
+    bigger card behaves like the 24 GB one this project targets: what would not fit there fails here too, with
+    PyTorch's out-of-memory error. cap_gib <= 0: no cap. Nothing happens on a CPU."""
+    if device.type != "cuda" or cap_gib <= 0:
+        return
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 2 ** 30 / total), index)
+    torch.cuda.reset_peak_memory_stats(index)
+    print(f"GPU memory capped at {min(cap_gib, total / 2 ** 30):.1f} of {total / 2 ** 30:.1f} GiB "
+          f"(--memory-cap-gib; 0 = no cap)")
+
+
+def report_memory(device, stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
+    """After a run on a GPU: the measured peak (torch.cuda.max_memory_allocated, since limit_memory) beside the
+    planner's estimate for the same options, so the plan can be checked at scale. Returns the peak in bytes."""
+    if device.type != "cuda":
+        return None
+    peak = torch.cuda.max_memory_allocated(device)
+    reserved = torch.cuda.max_memory_reserved(device)
+    parts, what = plan_for(stage, opts, batch, frames_per_block, ema, momentum)
+    print(f"{stage}: peak GPU memory {peak / 2 ** 30:.2f} GiB allocated ({reserved / 2 ** 30:.2f} GiB reserved); "
+          f"planned {parts['total'] / 2 ** 30:.2f} GiB (plan / measured {parts['total'] / peak:.2f}); {what}")
+    return peak
+
+
+def _param_shapes(cfg):
+    with torch.device("meta"):  # shapes only: a 14B model costs nothing here
+        return [tuple(p.shape) for p in DiT(cfg).parameters()]
+
+
+def _optimizer_bytes_from_shapes(cfg, name, param_bytes, momentum):
+    """AdamW: exp_avg + exp_avg_sq in the parameter dtype. Lean: row + column means (float32) per matrix, a full
+    float32 second moment per vector, and a first moment in the parameter dtype only when beta1 > 0."""
+    total = 0
+    for s in _param_shapes(cfg):
+        n = math.prod(s)
+        if name == "adamw":
+            total += 2 * n * param_bytes
+        else:
+            total += 4 * (s[0] + n // s[0] if len(s) >= 2 else n) + (n * param_bytes if momentum else 0)
+    return total
+
+
+def format_plan(stage, parts, cap_gib=24.0):
+    gib = lambda b: f"{b / 2 ** 30:.2f} GiB"
+    body = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total")
+    verdict = "fits" if parts["total"] <= cap_gib * 2 ** 30 else "does NOT fit"
+    return f"{stage}: estimated peak {gib(parts['total'])} ({body}) -> {verdict} in {cap_gib:g} GiB"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Wan scale: the speed benchmark (random weights in the real shape) and streaming latents to MP4
+
+
+def stream_flops(cfg, tokens_per_frame, frames, frames_per_block, steps, first_steps=None):
+    """Model FLOPs per frame of a full-cache stream (2 per multiply-add). Every block runs one forward per
+    denoising step plus the t = 0 refresh, its Tb tokens attending to the cache (all earlier blocks + itself).
+    Per layer: 2 Tb (4 D^2 self-attn q/k/v/o + 2 D^2 cross-attn q/o + 2 D ffn) linear FLOPs, 4 Tb K D for
+    self-attention over K keys, 4 Tb L D for cross-attention over the L text tokens (their K/V are cached)."""
+    D, Fh, L = cfg.dim, cfg.ffn_dim, cfg.text_len
+    Tb = frames_per_block * tokens_per_frame
+    total = 0
+    for b in range(frames // frames_per_block):
+        n_forwards = len(first_steps if (b == 0 and first_steps) else steps) + 1
+        per_layer = 2 * Tb * (6 * D * D + 2 * D * Fh) + 4 * Tb * (b + 1) * Tb * D + 4 * Tb * L * D
+        total += n_forwards * cfg.num_layers * per_layer
+    return total / frames
+
+
+def bench_wan(args):
+    """Streaming speed at Wan scale with random weights in the preset's shape (speed does not depend on the
+    values): frame-wise 1/2/4-step and chunk-wise 4-step over --latent-frames latent frames of --latent-hw,
+    bf16 SDPA on a GPU. Prints latent and video frames/s (the Wan VAE makes 4 video frames per latent frame
+    after the first), first-frame latency, peak memory, FLOPs per latent frame and the implied utilisation
+    of --peak-tflops; with --vae, also the VAE decode time and frames/s including it."""
+    device = pick_device(args.device)
+    cfg = PRESETS[args.model]
+    h, w = parse_hw(args.latent_hw)
+    n_lat = args.latent_frames
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = DiT(cfg)
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    model.eval().requires_grad_(False)
+    for p in model.parameters():  # Wan's zero-initialised head would make every output 0: fill it in
+        if p.abs().sum() == 0:
+            p.normal_(0, 0.02)
+    ctx = torch.randn(1, cfg.text_len, cfg.text_dim, device=device)
+    tpf = model.tokens_per_frame(h, w)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights), {name}, "
+          f"{n_lat} latent frames of {h}x{w} ({tpf} tokens/frame), batch 1, "
+          f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, SDPA, full KV cache")
+    print(f"{'mode':36s}{'latent f/s':>11s}{'video f/s':>10s}{'first frame':>13s}{'peak mem':>10s}"
+          f"{'TFLOP/frame':>12s}{'util':>7s}")
+    rows = [("frame-wise 1-step (block 0 4-step)", 1, 1, True), ("frame-wise 2-step (block 0 4-step)", 2, 1, True),
+            ("frame-wise 4-step", 4, 1, False), ("chunk-wise 4-step", 4, 3, False)]
+    results = []
+    with torch.no_grad(), autocast(device, model):  # bf16 on a GPU
+        for label, n, fpb, first4 in rows:
+            frames = n_lat - n_lat % fpb
+            steps = warped_steps(n, cfg.shift)
+            first = warped_steps(4, cfg.shift) if first4 else None
+            # warm-up over the full length: every cache length is a new attention shape (cuDNN plans one per shape)
+            timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            _, times = timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
+            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+            total = sum(times)
+            flops = stream_flops(cfg, tpf, frames, fpb, steps, first)
+            util = flops * frames / total / (args.peak_tflops * 1e12)
+            video_frames = 4 * frames - 3
+            r = dict(mode=label, latent_fps=frames / total, video_fps=video_frames / total, first_frame_s=times[0],
+                     peak_gib=peak / 2 ** 30, tflop_per_frame=flops / 1e12, utilisation=util, seconds=total)
+            results.append(r)
+            print(f"{label:36s}{r['latent_fps']:11.2f}{r['video_fps']:10.2f}{r['first_frame_s']:12.3f}s"
+                  f"{r['peak_gib']:8.1f}GiB{r['tflop_per_frame']:12.2f}{100 * util:6.1f}%")
+    if args.vae:
+        vae = WanVAE(args.vae, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+        lat = torch.randn(n_lat, cfg.in_dim, h, w)
+        vae.decode(lat[:2])  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        vae.decode(lat)
+        _sync(device)
+        dec = time.perf_counter() - t0
+        print(f"VAE decode of {n_lat} latent frames: {dec:.2f} s")
+        for r in results:
+            print(f"{r['mode']:36s} with decode: {(4 * n_lat - 3) / (r['seconds'] + dec):.2f} video frames/s")
+    return results
+
+
+def parse_hw(spec):
+    try:
+        h, w = (int(v) for v in spec.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"expected HxW, e.g. 60x104 (got {spec!r})") from None
+    return h, w
+
+
+def main_wan(args, model, ckpt, device):
+    """Stream a Wan-shaped checkpoint: latents to OUT.safetensors, decoded to OUT (.mp4) when the optional
+    extra is installed. The prompt is umT5 features: --text FILE (a latent-folder clip or any safetensors with
+    `text` (L, 4096)), or --prompt encoded on the spot (needs requirements-wan.txt)."""
+    if device.type == "cuda":
+        model = model.to(torch.bfloat16)
+    if args.text:
+        from safetensors.torch import load_file
+        text = load_file(args.text)["text"].float()
+    else:
+        text = WanTextEncoder(device=device)([args.prompt])[0]
+    ctx = torch.zeros(1, model.cfg.text_len, model.cfg.text_dim)
+    ctx[0, :len(text)] = text
+    fpb = ckpt["config"].get("frames_per_block", 1)
+    n_steps = args.steps or ckpt["config"].get("num_steps", 4)
+    frames = args.frames or 21
+    if frames % fpb:
+        raise ValueError(f"--frames {frames} is not a whole number of {fpb}-frame blocks")
+    h, w = parse_hw(args.latent_hw)
+    steps = warped_steps(n_steps, model.cfg.shift)
+    first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4) else None
+    with autocast(device, model):  # bf16 on a GPU
+        clip, times = timed_stream(model, frames, steps, fpb, first, args.window or None, args.sink, ctx.to(device),
+                                   seed=args.seed, frame_hw=(h, w))
+    latents = clip[0].float().cpu()  # (F, 16, h, w)
+    base = os.path.splitext(args.out)[0]
+    write_latent_clip(base + ".safetensors", latents, text, args.prompt if not args.text else args.text)
+    print(f"{frames} latent frames in {sum(times):.2f} s (first block {times[0]:.2f} s) -> {base}.safetensors")
+    if args.out.endswith(".mp4"):
+        try:
+            video = WanVAE(args.vae or WAN_DIFFUSERS, device=device).decode(latents)
+        except (ImportError, OSError) as err:  # the optional extra missing, or the VAE weights out of reach
+            print(f"not decoded (the latents are kept): {err}")
+            return latents
+        import imageio.v3 as iio
+        iio.imwrite(args.out, video, fps=16)
+        print(f"decoded {len(video)} frames -> {args.out}")
+    return latents
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Encode videos (NAME.mp4) and prompts (NAME.txt) into a latent "
+                                                 "folder for the stage scripts' --data (needs requirements-wan.txt)")
+    parser.add_argument("--videos", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--negative", default="", help="negative prompt; its features become the unconditional text")
+    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--size", default="480x832", help="HxW of the videos fed to the VAE")
+    parser.add_argument("--device", default="auto")
+    a = parser.parse_args()
+    make_latent_folder(a.videos, a.out, a.negative, a.frames, tuple(int(v) for v in a.size.split("x")),
+                       pick_device(a.device))
