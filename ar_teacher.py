@@ -44,9 +44,9 @@ from tqdm import tqdm
 
 import toy_data
 from toy_data import metric_line
-from model import (DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, ema_update, load_checkpoint,
-                   loss_weight, model_from_checkpoint, parse_config, pick_device, save_checkpoint, timestep_grid,
-                   x0_from_v)
+from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, ema_update,
+                   load_checkpoint, loss_weight, model_from_checkpoint, parse_config, partial_path, pick_device,
+                   resume_checkpoint, run_main, save_checkpoint, save_run, timestep_grid, x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory,
                        wan_base)
 from sample_stream import sample_ar, sample_bidirectional
@@ -138,7 +138,7 @@ def load_base(cfg, device="cpu"):
     if cfg.init_weights:
         return wan_base(cfg.model, cfg.init_weights, device)
     if cfg.data != "toy":
-        raise ValueError(f"--data {cfg.data}: at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights "
+        raise ConfigError(f"--data {cfg.data}: at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights "
                          f"<folder with diffusion_pytorch_model.safetensors>")
     return load_teacher(cfg.out_dir, phase="base", device=device)
 
@@ -252,7 +252,7 @@ def gap_line(gap):
 
 def train(cfg):
     if cfg.phase not in ("base", "ar"):
-        raise ValueError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
+        raise ConfigError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
     if cfg.dry_run:  # the plan of one training step, before anything is loaded
         return dry_run("ar" if cfg.phase == "ar" else "base", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     device = pick_device(cfg.device)
@@ -263,7 +263,7 @@ def train(cfg):
     # the model: a fresh toy DiT for the base; the base's EMA weights (or Wan2.1's) for the AR teacher
     if cfg.phase == "base":
         if cfg.data != "toy" or cfg.init_weights:
-            raise ValueError("stage 0 is skipped at Wan scale: the base is Wan2.1 itself. Train the AR teacher from it:"
+            raise ConfigError("stage 0 is skipped at Wan scale: the base is Wan2.1 itself. Train the AR teacher from it:"
                              "\n    python ar_teacher.py --phase ar --model wan2.1-1.3b --init-weights <Wan2.1 folder> "
                              "--data <latent folder>")
         mcfg = ModelConfig(**{**asdict(PRESETS[cfg.model]), "shift": cfg.shift})
@@ -274,7 +274,7 @@ def train(cfg):
     data = open_data(cfg.data, mcfg, cfg.clip_frames)
     n_frames = data.shape[0]
     if n_frames % cfg.frames_per_block:
-        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
+        raise ConfigError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
     model = prepare(model, cfg.param_dtype, cfg.grad_checkpointing).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), cfg.weight_decay)
@@ -282,24 +282,24 @@ def train(cfg):
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, history = 0, []
 
-    if cfg.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
+    if cfg.resume:
+        src, ckpt = resume_checkpoint(path, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg))
         saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items()
                   if k not in ("resume", "ship", "eval_only", "eval_every", "ckpt_every", "eval_clips", "device", "dry_run",
                                "out_dir")
                   and saved[k] != v}
         if differ:
-            raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
+            raise ConfigError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["data_gen"])
         noise_gen.set_state(ckpt["noise_gen"])
         step, history = ckpt["step"], ckpt["history"]
-        print(f"resumed {path} at step {step}")
-    elif os.path.exists(path) and not cfg.resume:
-        print(f"note: {path} exists and will be overwritten (use --resume to continue it)")
+        print(f"resumed {src} at step {step}")
+    elif os.path.exists(path):
+        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
 
     print(f"{cfg.phase}: {count_parameters(model):,} parameters, {model.tokens_per_frame(*data.shape[1:])} "
           f"tokens/frame, {n_frames} frames, shift {mcfg.shift}, device {device}")
@@ -308,8 +308,8 @@ def train(cfg):
     fpb = cfg.frames_per_block if cfg.phase == "ar" else n_frames  # base: one block = the whole clip
     n_blocks = n_frames // fpb
 
-    def save():
-        save_checkpoint(path, stage="base" if cfg.phase == "base" else "ar_teacher", model_config=asdict(mcfg),
+    def save():  # until step == steps to X.partial.pt (model.save_run): a finished X.pt is never overwritten mid-run
+        save_run(path, step == steps, stage="base" if cfg.phase == "base" else "ar_teacher", model_config=asdict(mcfg),
                         config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
                         optimizer=opt.state_dict(), step=step, history=history,
                         data_gen=data_gen.get_state(), noise_gen=noise_gen.get_state())
@@ -317,7 +317,9 @@ def train(cfg):
     def write_gif(clips):  # the first 18 clips (2 per prompt) of the EMA model at this step
         gif = os.path.join(cfg.out_dir, "samples", f"{os.path.basename(path)[:-3]}_step{step}.gif")
         os.makedirs(os.path.dirname(gif), exist_ok=True)
-        toy_data.save_video(gif, clips[:18], ncols=9)
+        toy_data.save_video(gif, clips[:18], ncols=9, labels=eval_prompts(18),
+                            title=f"{os.path.basename(path)[:-3]}, step {step}: {cfg.eval_steps}-step Euler, "
+                                  f"CFG {cfg.guidance:g}, EMA weights")
         return gif
 
     steps = cfg.base_steps if cfg.phase == "base" else cfg.ar_steps
@@ -423,4 +425,4 @@ def evaluate_only(cfg):
 
 if __name__ == "__main__":
     config = parse_config(Config, description=__doc__.split("\n\n")[0])
-    evaluate_only(config) if config.eval_only else train(config)
+    run_main(evaluate_only if config.eval_only else train, config)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import ar_teacher
 import toy_data
 from model import (add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
-                   pick_device, save_checkpoint, timestep_grid, x0_from_v)
+                   partial_path, pick_device, resume_checkpoint, run_main, save_run, timestep_grid, x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import cfg_velocity, toy_few_step_report
 
@@ -110,17 +110,19 @@ def train(cfg):
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], checkpoint_path(cfg)
-    if cfg.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, stage="causal_cd", make_cmd="python causal_cd.py")
+    if cfg.resume:
+        src, ckpt = resume_checkpoint(path, "causal_cd", "python causal_cd.py")
         student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["data_gen"])
         step, history = ckpt["step"], ckpt["history"]
-        print(f"resumed {path} at step {step}")
+        print(f"resumed {src} at step {step}")
+    elif os.path.exists(path):
+        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
     print(cfg)
     grid = timestep_grid(48, teacher.cfg.shift)
 
-    def save(**extra):
-        save_checkpoint(path, stage="causal_cd", model_config=teacher_ckpt["model_config"], config=asdict(cfg),
+    def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
+        save_run(path, finished, stage="causal_cd", model_config=teacher_ckpt["model_config"], config=asdict(cfg),
                         model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
                         data_gen=data_gen.get_state(), step=step, history=history, **extra)
 
@@ -151,7 +153,7 @@ def train(cfg):
     if not data.is_toy:  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"causal_cd: {step} steps, loss {sum(history[-20:]) / max(1, len(history[-20:])):.5f}, {cd_minutes:.1f} min, "
               f"0 bytes of trajectories stored -> {path}")
-        save(minutes=cd_minutes)
+        save(finished=True, minutes=cd_minutes)
         return {}
 
     metrics = toy_few_step_report(ema, "causal_cd", cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
@@ -159,7 +161,7 @@ def train(cfg):
     print(f"real clips        | {toy_data.metric_line(real)}")
     print(f"causal_cd: CD {cd_minutes:.1f} min, 0 bytes of trajectories stored; total {(time.time() - t_start) / 60:.1f} "
           f"min -> {path}")
-    save(metrics=metrics, minutes=cd_minutes)
+    save(finished=True, metrics=metrics, minutes=cd_minutes)
     return metrics
 
 
@@ -170,4 +172,4 @@ def load_student(out_dir="checkpoints", frames_per_block=1, device="cpu"):
 
 
 if __name__ == "__main__":
-    train(parse_config(Config, description=__doc__.split("\n\n")[0]))
+    run_main(train, parse_config(Config, description=__doc__.split("\n\n")[0]))

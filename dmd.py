@@ -65,8 +65,9 @@ import ar_teacher
 import causal_cd
 import ode_init
 import toy_data
-from model import (add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
-                   save_checkpoint, shift_sigma, warped_steps, x0_from_v)
+from model import (ConfigError, add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
+                   partial_path, pick_device, resume_checkpoint, run_main, save_run, shift_sigma, warped_steps,
+                   x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import (cfg_velocity, exposure_line, sample_stream, stream_speed, toy_exposure_report,
                            toy_few_step_samples)
@@ -127,7 +128,7 @@ def load_init(init, out_dir, frames_per_block, device):
         return ode_init.load_student(out_dir, "bidirectional", frames_per_block, device)
     if init == "ar_teacher":
         return ar_teacher.load_teacher(out_dir, "ar", frames_per_block, device=device)
-    raise ValueError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
+    raise ConfigError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
 
 
 def step_lists(num_steps, frames_per_block, shift):
@@ -185,15 +186,15 @@ def train(cfg):
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     if cfg.num_steps not in (1, 2, 4):
-        raise ValueError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
+        raise ConfigError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
     if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and cfg.data != "toy"):
-        raise ValueError(f"--real-score must be 'base' or, on the toy only (its data law is known), 'exact' "
+        raise ConfigError(f"--real-score must be 'base' or, on the toy only (its data law is known), 'exact' "
                          f"(got {cfg.real_score!r} with --data {cfg.data})")
     generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device)
     data = open_data(cfg.data, generator.cfg, cfg.clip_frames)
     n_frames, H, W = data.shape
     if n_frames % cfg.frames_per_block:
-        raise ValueError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
+        raise ConfigError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
     real, _ = ar_teacher.load_base(cfg, device=device)  # the toy base, or Wan2.1 with --init-weights
     real = prepare(real, cfg.param_dtype).requires_grad_(False)
     critic = prepare(copy.deepcopy(real), cfg.param_dtype, cfg.grad_checkpointing)  # fake score: starts as the base
@@ -210,15 +211,15 @@ def train(cfg):
     path = checkpoint_path(cfg)
     it, log = 0, []  # it counts critic updates; a generator update happens when it % critic_ratio == 0
 
-    if cfg.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, stage="dmd", make_cmd=make_command(cfg))
+    if cfg.resume:
+        src, ckpt = resume_checkpoint(path, "dmd", make_command(cfg))
         keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "table_seeds",
                 "dry_run",
                 "out_dir")
         saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in keep and saved[k] != v}
         if differ:
-            raise ValueError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
+            raise ConfigError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         generator.load_state_dict(ckpt["model"]), critic.load_state_dict(ckpt["critic"])
         opt_g.load_state_dict(ckpt["optimizer"]), opt_c.load_state_dict(ckpt["optimizer_critic"])
         if ckpt["ema_started"]:
@@ -226,7 +227,9 @@ def train(cfg):
             ema.load_state_dict(ckpt["ema"])
         gen.set_state(ckpt["rng"])
         it, log = ckpt["iteration"], ckpt["log"]
-        print(f"resumed {path} at generator update {it // cfg.critic_ratio}")
+        print(f"resumed {src} at generator update {it // cfg.critic_ratio}")
+    elif os.path.exists(path):
+        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
     print(f"dmd: init {cfg.init} ({init_ckpt['stage']}), {cfg.num_steps}-step list {[round(s, 1) for s in steps]}"
           + (f", block 0 on {[round(s, 1) for s in first_steps]}" if first_steps else "") + f", device {device}")
     print(cfg)
@@ -240,8 +243,8 @@ def train(cfg):
         t = sample_dmd_t(like.shape[0], shift, cfg.min_t, cfg.max_t, gen).to(device)
         return t, torch.randn(like.shape, generator=gen).to(device)
 
-    def save():
-        save_checkpoint(path, stage="dmd", model_config=init_ckpt["model_config"], config=asdict(cfg),
+    def save(finished=False):  # unfinished: X.partial.pt (model.save_run)
+        save_run(path, finished, stage="dmd", model_config=init_ckpt["model_config"], config=asdict(cfg),
                         model=generator.state_dict(), ema=(ema or generator).state_dict(), ema_started=ema is not None,
                         critic=critic.state_dict(), optimizer=opt_g.state_dict(), optimizer_critic=opt_c.state_dict(),
                         rng=gen.get_state(), iteration=it, log=log)
@@ -318,16 +321,18 @@ def train(cfg):
     report_memory(device, "dmd", cfg, cfg.batch_size, cfg.frames_per_block, ema=cfg.ema_start > 0)
     if "blur" not in log[-1]:  # (a resumed run that was already finished)
         log[-1].update(evaluate("after DMD    ")[0])
-    save()
+    save(finished=True)
     minutes = (time.time() - t_start) / 60
     if not data.is_toy:
         print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}")
         return {}, minutes
-    clips, _ = toy_few_step_samples((ema or generator).eval(), 18, cfg.num_steps, cfg.frames_per_block,
-                                    first_block_4step=first_steps is not None)
+    clips, prompts = toy_few_step_samples((ema or generator).eval(), 18, cfg.num_steps, cfg.frames_per_block,
+                                          first_block_4step=first_steps is not None)
     gif = os.path.join(cfg.out_dir, "samples", os.path.basename(path).replace(".pt", ".gif"))
     os.makedirs(os.path.dirname(gif), exist_ok=True)
-    toy_data.save_video(gif, clips, ncols=9)
+    toy_data.save_video(gif, clips, ncols=9, labels=prompts,
+                        title=f"DMD from {cfg.init}, {cfg.num_steps}-step"
+                              f"{' (block 0: 4-step)' if first_steps else ''}, {cfg.gen_updates} generator updates")
     metrics = {k: log[-1][k] for k in (*METRICS, "next_off", "own_off", "gap", "area")}
     print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}, samples {gif}")
     return metrics, minutes
@@ -439,4 +444,4 @@ def table_markdown(rows, real):
 
 if __name__ == "__main__":
     config = parse_config(Config, description=__doc__.split("\n\n")[0])
-    table(config) if config.table else train(config)
+    run_main(table if config.table else train, config)

@@ -74,7 +74,7 @@ def warped_steps(num_steps, shift):
     1 -> [1000]; these are exactly indices 0/12/24/36 of the 48-grid, which is why ODE pairs store them."""
     nominal = {4: [1000, 750, 500, 250], 2: [1000, 500], 1: [1000]}
     if num_steps not in nominal:
-        raise ValueError(f"num_steps must be 1, 2 or 4 (got {num_steps})")
+        raise ConfigError(f"num_steps must be 1, 2 or 4 (got {num_steps})")
     s_raw = torch.tensor(nominal[num_steps], dtype=torch.float64) / 1000
     return (1000 * shift_sigma(s_raw, shift)).float().tolist()
 
@@ -593,7 +593,11 @@ def count_parameters(model):
 # Wan2.1 weights
 
 
-class WeightsMismatchError(ValueError):
+class ConfigError(ValueError):
+    """Bad input (a flag, a file, a missing checkpoint): `run_main` prints the message alone and exits 2."""
+
+
+class WeightsMismatchError(ConfigError):
     pass
 
 
@@ -679,18 +683,55 @@ def autocast(device, model=None):
     return contextlib.nullcontext()
 
 
+def run_main(fn, *args):
+    """Run a script's entry point; bad input ends in one line naming the problem and the fix (exit 2), while a
+    real bug keeps its traceback. FileNotFoundError is bad input too: a missing checkpoint names its command."""
+    import sys
+    try:
+        return fn(*args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"error: {err.args[0] if isinstance(err, ConfigError) else err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def field_help(cls):
+    """{field: its `# comment`} read from the dataclass source (and its bases'): the comment after a field's
+    default, with the comment lines that continue it, is the field's --help text."""
+    import inspect
+    helps = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        name = None
+        for line in inspect.getsource(klass).splitlines():
+            code, _, comment = line.strip().partition("#")
+            if code and ":" in code and not code.startswith(("class ", '"""', "def ")):
+                name = code.split(":")[0].strip()
+                if comment.strip():
+                    helps[name] = comment.strip()
+            elif not code and comment and name in helps:
+                helps[name] += " " + comment.strip()
+            else:
+                name = None if code else name
+    return helps
+
+
 def parse_config(cls, argv=None, description=None):
     """Build a dataclass config from the command line: one --flag per field (underscores -> dashes), defaults
-    from the dataclass, booleans as --flag / --no-flag. Unknown flags are an error (argparse exits)."""
+    from the dataclass, booleans as --flag / --no-flag, each flag's help its comment in the dataclass.
+    Unknown flags are an error (argparse exits)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = helps.get(f.name, " ").replace("%", "%%")
         if isinstance(default, bool):
-            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction)
+            parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, default=default, type=type(default) if default is not None else str)
+            parser.add_argument(flag, default=default, type=type(default) if default is not None else str,
+                                help=help_text)
     return cls(**vars(parser.parse_args(argv)))
 
 
@@ -709,6 +750,39 @@ def save_checkpoint(path, **payload):
     os.replace(tmp, path)
 
 
+def partial_path(path):
+    """Where a run keeps its checkpoints until it finishes (X.pt -> X.partial.pt). The finished X.pt is written
+    once, at the end, so rerunning a stage never replaces a finished result with a partial one."""
+    return path[:-3] + ".partial.pt" if path.endswith(".pt") else path + ".partial"
+
+
+def resume_from(path):
+    """--resume: the unfinished run's partial checkpoint if there is one, else the finished one (or None)."""
+    return next((p for p in (partial_path(path), path) if os.path.exists(p)), None)
+
+
+def save_run(path, finished, **payload):
+    """A training run's checkpoint. Until the run finishes it goes to X.partial.pt, so rerunning a stage never
+    replaces a finished X.pt with a partial one; the finished run writes X.pt and removes X.partial.pt."""
+    save_checkpoint(path if finished else partial_path(path), **payload)
+    if finished and os.path.exists(partial_path(path)):
+        os.remove(partial_path(path))
+
+
+def resume_checkpoint(path, stage, make_cmd):
+    """--resume: the checkpoint to continue (the partial one, else the finished one); nothing to resume, or a
+    shipped file without optimizer state, is an error that says what to do instead."""
+    src = resume_from(path)
+    if src is None:
+        raise ConfigError(f"--resume: nothing to resume ({path} and {partial_path(path)} do not exist); "
+                          f"drop --resume to start a fresh run: {make_cmd}")
+    ckpt = load_checkpoint(src, stage=stage, make_cmd=make_cmd)
+    if "optimizer" not in ckpt:
+        raise ConfigError(f"--resume: {src} holds EMA weights only (a shipped file): it cannot be trained further; "
+                          f"evaluate it with --eval-only, or train afresh without --resume")
+    return src, ckpt
+
+
 def load_checkpoint(path, stage=None, make_cmd=None):
     """Load a checkpoint written by save_checkpoint, checking it is the stage the caller expects.
     A missing file names the command that makes it."""
@@ -718,12 +792,12 @@ def load_checkpoint(path, stage=None, make_cmd=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated / not a torch file
-        raise ValueError(f"could not read checkpoint {path} ({type(err).__name__}: {err}); "
+        raise ConfigError(f"could not read checkpoint {path} ({type(err).__name__}: {err}); "
                          f"delete it and re-run{(': ' + make_cmd) if make_cmd else ''}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-        raise ValueError(f"{path} is not a checkpoint of this project (no 'model' / 'model_config' entries)")
+        raise ConfigError(f"{path} is not a checkpoint of this project (no 'model' / 'model_config' entries)")
     if stage is not None and ckpt.get("stage") not in ((stage,) if isinstance(stage, str) else tuple(stage)):
-        raise ValueError(f"{path} is a '{ckpt.get('stage')}' checkpoint, but a '{stage}' checkpoint was expected")
+        raise ConfigError(f"{path} is a '{ckpt.get('stage')}' checkpoint, but a '{stage}' checkpoint was expected")
     return ckpt
 
 

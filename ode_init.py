@@ -38,7 +38,7 @@ Commands (toy, CPU; times in the README):
     python ode_init.py --teacher ar               # pairs + causal-ODE student
     python ode_init.py --teacher bidirectional    # pairs + bidirectional-ODE student
     python ode_init.py --teacher bidirectional --noisy-prefix   # the ablation, on the same pairs
-    python ode_init.py --plot                     # both students if missing, then injectivity.png
+    python ode_init.py --plot                     # injectivity.png (--train-missing: train a missing student)
     python ode_init.py --teacher ar --data LATENT_DIR --num-pairs 8 ...   # Wan scale (README)
 """
 import copy
@@ -51,8 +51,9 @@ from tqdm import tqdm
 
 import toy_data
 from ar_teacher import load_base, load_teacher
-from model import (autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config, pick_device,
-                   save_checkpoint, warped_steps, x0_from_v)
+from model import (ConfigError, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
+                   partial_path, pick_device, resume_checkpoint, run_main, save_checkpoint, save_run, warped_steps,
+                   x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
@@ -78,7 +79,8 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     seed: int = 0
     device: str = "auto"
     resume: bool = False
-    plot: bool = False  # make injectivity.png (training whichever student is missing first)
+    plot: bool = False  # make injectivity.png from both ODE students (about 6 min on one core)
+    train_missing: bool = False  # --plot: train a missing ODE student first (7-15 min each) instead of stopping
     per_frame: bool = False  # print second moment and blur per frame index of the students and their targets
     noisy_prefix: bool = False  # bidirectional: the ablation whose past blocks are never clean in training (k in
     # 0..3 per block) -> bidirectional_ode_noisy_prefix.pt; default: the official recipe, clean past included
@@ -103,7 +105,8 @@ def pairs_path(cfg):
 def make_command(cfg):
     return f"python ode_init.py --teacher {cfg.teacher}" + (
         f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "") + (
-        " --noisy-prefix" if cfg.teacher == "bidirectional" and cfg.noisy_prefix else "")
+        " --noisy-prefix" if cfg.teacher == "bidirectional" and cfg.noisy_prefix else "") + (
+        f" --out-dir {cfg.out_dir}" if cfg.out_dir != "checkpoints" else "")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
         pairs = torch.load(path, map_location="cpu", weights_only=False)
         differ = {k: (pairs["meta"].get(k), v) for k, v in meta.items() if pairs["meta"].get(k) != v}
         if differ or len(pairs["x0"]) < cfg.num_pairs:
-            raise ValueError(f"{path} was made for another setup (saved, now): {differ or 'fewer pairs'}; "
+            raise ConfigError(f"{path} was made for another setup (saved, now): {differ or 'fewer pairs'}; "
                              f"delete it to regenerate, or use another --out-dir")
         print(f"loaded {len(pairs['x0'])} ODE pairs from {path}")
         pairs["loaded"] = True  # made by an earlier run: this run's time does not include them
@@ -212,7 +215,7 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
 
 def train(cfg):
     if cfg.teacher not in ("ar", "bidirectional"):
-        raise ValueError(f"--teacher must be 'ar' or 'bidirectional' (got {cfg.teacher!r})")
+        raise ConfigError(f"--teacher must be 'ar' or 'bidirectional' (got {cfg.teacher!r})")
     if cfg.dry_run:  # the plan of one student step (pair generation needs less: no grads), nothing loaded
         return dry_run("ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     device = pick_device(cfg.device)
@@ -233,17 +236,19 @@ def train(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], student_path(cfg)
     name = os.path.basename(path)[:-3]  # causal_ode, bidirectional_ode, bidirectional_ode_noisy_prefix, ...
-    if cfg.resume and os.path.exists(path):
-        ckpt = load_checkpoint(path, stage=stage_name(cfg.teacher), make_cmd=make_command(cfg))
+    if cfg.resume:
+        src, ckpt = resume_checkpoint(path, stage_name(cfg.teacher), make_command(cfg))
         student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["gen"])
         step, history = ckpt["step"], ckpt["history"]
-        print(f"resumed {path} at step {step}")
+        print(f"resumed {src} at step {step}")
+    elif os.path.exists(path):
+        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
     print(cfg)
     ctx_all = pairs["text"]
 
-    def save(**extra):
-        save_checkpoint(path, stage=stage_name(cfg.teacher), model_config=teacher_ckpt["model_config"],
+    def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
+        save_run(path, finished, stage=stage_name(cfg.teacher), model_config=teacher_ckpt["model_config"],
                         config=asdict(cfg), model=student.state_dict(), ema=ema.state_dict(),
                         optimizer=opt.state_dict(), gen=gen.get_state(), step=step, history=history,
                         pair_bytes=pairs["bytes"], pair_seconds=pairs["seconds"], **extra)
@@ -275,14 +280,14 @@ def train(cfg):
     if cfg.data != "toy":  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"{name}: {step} steps, {minutes:.1f} min including pairs "
               f"({pairs['bytes'] / 2 ** 20:.1f} MiB stored) -> {path}")
-        save(minutes=minutes)
+        save(finished=True, minutes=minutes)
         return {}
     metrics = toy_few_step_report(ema, name, cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
     minutes = (time.time() - t_start) / 60
     made = "read from an earlier run, which made them in" if pairs.get("loaded") else "including pairs:"
     print(f"{name}: {minutes:.1f} min, ODE pairs {made} {pairs['seconds'] / 60:.1f} min, "
           f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored")
-    save(metrics=metrics, minutes=minutes)
+    save(finished=True, metrics=metrics, minutes=minutes)
     return metrics
 
 
@@ -372,11 +377,15 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     device = pick_device(cfg.device)
-    for teacher in ("ar", "bidirectional"):  # train whichever student is missing
-        c = Config(**{**asdict(cfg), "teacher": teacher, "plot": False, "noisy_prefix": False})
-        if not os.path.exists(student_path(c)):
-            print(f"{student_path(c)} missing: training it first")
-            train(c)
+    missing = [Config(**{**asdict(cfg), "teacher": t, "plot": False, "noisy_prefix": False}) for t in ("ar", "bidirectional")]
+    missing = [c for c in missing if not os.path.exists(student_path(c))]
+    if missing and not cfg.train_missing:
+        raise ConfigError(f"--plot needs {' and '.join(student_path(c) for c in missing)}: make "
+                          f"{'them' if len(missing) > 1 else 'it'} with {'; '.join(make_command(c) for c in missing)} "
+                          f"(7-15 min each on a 2-core CPU), or add --train-missing to do it here")
+    for c in missing:
+        print(f"{student_path(c)} missing: training it first (--train-missing)")
+        train(c)
     base, _ = load_teacher(cfg.out_dir, "base", device=device)
     ar, _ = load_teacher(cfg.out_dir, "ar", device=device)
     students = {"bidirectional": load_student(cfg.out_dir, "bidirectional", device=device)[0],
@@ -500,14 +509,20 @@ def per_frame_report(cfg, n=72):
     4 steps, the same 72 noises), beside those of its ODE targets (the stored endpoints). Students or pair files
     missing from cfg.out_dir are skipped."""
     fmt = lambda v: "[" + ", ".join(f"{float(a):.3f}" for a in v) + "]"
-    for teacher, noisy in (("ar", False), ("bidirectional", False), ("bidirectional", True)):
-        c = Config(teacher=teacher, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, noisy_prefix=noisy)
+    runs = [Config(teacher=teacher, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, noisy_prefix=noisy)
+            for teacher, noisy in (("ar", False), ("bidirectional", False), ("bidirectional", True))]
+    if not any(os.path.exists(student_path(c)) for c in runs):
+        raise ConfigError(f"--per-frame: no ODE student in {cfg.out_dir}/; make them with "
+                          f"{'; '.join(make_command(c) for c in runs)}")
+    for c in runs:
+        teacher, noisy = c.teacher, c.noisy_prefix
         name = os.path.basename(student_path(c))[:-3]
         if os.path.exists(pairs_path(c)) and not noisy:
             end = torch.load(pairs_path(c), map_location="cpu", weights_only=False)["states"][:, -1].float()
             print(f"{stage_name(teacher) + ' targets':32s} | 2nd moment {fmt(end.pow(2).mean((0, 2, 3, 4)))} "
                   f"blur {fmt(toy_data.blur_per_frame(end).mean(0))}")
         if not os.path.exists(student_path(c)):
+            print(f"{name:32s} | missing: {make_command(c)}")
             continue
         student, _ = load_student(cfg.out_dir, teacher, cfg.frames_per_block, noisy_prefix=noisy)
         for n_steps in (1, 4):
@@ -518,4 +533,4 @@ def per_frame_report(cfg, n=72):
 
 if __name__ == "__main__":
     cfg = parse_config(Config, description=__doc__.split("\n\n")[0])
-    per_frame_report(cfg) if cfg.per_frame else plot_injectivity(cfg) if cfg.plot else train(cfg)
+    run_main(per_frame_report if cfg.per_frame else plot_injectivity if cfg.plot else train, cfg)

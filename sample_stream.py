@@ -14,8 +14,8 @@ The time convention is model.py's: t = 1000 is noise, t = 0 is data; the model p
 The ODE grids are the model's own (`timestep_grid(n, model.cfg.shift)`, then a final step to t = 0), so a
 48-step sampler walks 1000 -> 995.8 -> ... -> 96.2 -> 0 at shift 5.
 
-Commands (toy checkpoints; every run also prints first-frame latency, per-frame latency and frames/s, with and
-without the KV cache):
+Commands (toy checkpoints; --speed also times the stream: first-frame latency, per-frame latency and frames/s,
+with and without the KV cache):
     python sample_stream.py --prompt "red circle"                                  # 48 frames, rolling cache
     python sample_stream.py --frames 96 --switch 32:"green square" --switch 64:"blue triangle"
     python sample_stream.py --interactive                     # type a new prompt while frames keep coming
@@ -28,8 +28,8 @@ import time
 import torch
 
 import toy_data
-from model import (KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
-                   timestep_grid, warped_steps, x0_from_v)
+from model import (ConfigError, KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
+                   run_main, timestep_grid, warped_steps, x0_from_v)
 
 
 def ode_grid(model, num_steps):
@@ -77,7 +77,7 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
     B, nF = noise.shape[:2]
     n_prefix = 0 if prefix is None else prefix.shape[1]
     if nF % frames_per_block or n_prefix % frames_per_block:
-        raise ValueError(f"{nF} frames (+ a prefix of {n_prefix}) are not a whole number of {frames_per_block}-frame "
+        raise ConfigError(f"{nF} frames (+ a prefix of {n_prefix}) are not a whole number of {frames_per_block}-frame "
                          f"blocks")
     grid = ode_grid(model, num_steps)
     use_cfg = ctx_null is not None and guidance != 1.0
@@ -131,7 +131,7 @@ def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_step
     noise: (B, F, C, H, W); returns x0 (B, F, C, H, W). Pass a `cache` (and `start_frame`) to continue a stream."""
     B, nF = noise.shape[:2]
     if nF % frames_per_block:
-        raise ValueError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
+        raise ConfigError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
     grad = torch.is_grad_enabled()
     cache = cache if cache is not None else KVCache(max_frames=start_frame + nF)
     out = []
@@ -163,7 +163,7 @@ def sample_recompute(model, noise, ctx, steps, frames_per_block=1, first_block_s
     that grows with the prefix: the KV cache's speed-up is the ratio of the two."""
     B, nF = noise.shape[:2]
     if nF % frames_per_block:
-        raise ValueError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
+        raise ConfigError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
     out = []
     for i, s in enumerate(range(0, nF, frames_per_block)):
         ts = first_block_steps if (i == 0 and first_block_steps) else steps
@@ -235,7 +235,7 @@ def toy_few_step_report(model, name, n, frames_per_block, out_dir):
         print(f"{name} {n_steps}-step | {toy_data.metric_line(metrics[n_steps])}")
     gif = os.path.join(out_dir, "samples", f"{name}_4step.gif")
     os.makedirs(os.path.dirname(gif), exist_ok=True)
-    toy_data.save_video(gif, clips[:18], ncols=9)
+    toy_data.save_video(gif, clips[:18], ncols=9, labels=prompts[:18], title=f"{name}, 4-step")
     print(f"{name}: 4-step samples -> {gif}")
     return metrics
 
@@ -355,7 +355,7 @@ def load_streamable(path):
     if stage not in DISTILLED:
         hint = {"base": "it is the bidirectional base (stage 0), which cannot stream",
                 "ar_teacher": "it is a multi-step AR teacher (stage 1): distil it first (python causal_cd.py --toy)"}
-        raise ValueError(f"{path} is a '{stage}' checkpoint; the streaming sampler needs a distilled few-step "
+        raise ConfigError(f"{path} is a '{stage}' checkpoint; the streaming sampler needs a distilled few-step "
                          f"model ({', '.join(DISTILLED)}): {hint.get(stage, 'unknown stage')}")
     model = model_from_checkpoint(ckpt, key="ema" if "ema" in ckpt else "model").eval()
     model.requires_grad_(False)
@@ -366,14 +366,21 @@ def parse_switch(spec, n_frames, fpb):
     """'FRAME:PROMPT' -> (frame, prompt), checked against the stream's length, blocks and vocabulary."""
     frame, sep, prompt = spec.partition(":")
     if not sep or not frame.strip().isdigit():
-        raise ValueError(f"--switch {spec!r}: expected FRAME:PROMPT, e.g. --switch 32:'green square'")
+        raise ConfigError(f"--switch {spec!r}: expected FRAME:PROMPT, e.g. --switch 32:'green square'")
     frame = int(frame)
     if not 0 < frame < n_frames:
-        raise ValueError(f"--switch {spec!r}: frame {frame} is outside the stream (1..{n_frames - 1})")
+        raise ConfigError(f"--switch {spec!r}: frame {frame} is outside the stream (1..{n_frames - 1})")
     if frame % fpb:
-        raise ValueError(f"--switch {spec!r}: frame {frame} is not at a block boundary ({fpb} frames per block)")
-    toy_data.parse_prompt(prompt.strip())
+        raise ConfigError(f"--switch {spec!r}: frame {frame} is not at a block boundary ({fpb} frames per block)")
+    check_prompt(prompt.strip(), f"--switch {spec!r}")
     return frame, prompt.strip()
+
+
+def check_prompt(prompt, flag):
+    try:
+        toy_data.parse_prompt(prompt)
+    except ValueError as err:  # toy_data's message lists the valid prompts
+        raise ConfigError(f"{flag}: {err}") from None
 
 
 def read_first_frame(path):
@@ -384,9 +391,14 @@ def read_first_frame(path):
         raise FileNotFoundError(f"--first-frame {path}: no such file (python toy_data.py writes an example, "
                                 f"out/toy_first_frame.png)")
     img = np.asarray(imageio.imread(path))
-    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.shape[:2] != Stream.frame_hw:
-        raise ValueError(f"--first-frame {path}: image is {img.shape}, but the model makes "
-                         f"{Stream.frame_hw[0]}x{Stream.frame_hw[1]} RGB frames; resize it to that size")
+    channels = 1 if img.ndim == 2 else img.shape[2]
+    if channels not in (3, 4):
+        raise ConfigError(f"--first-frame {path}: the image has {channels} channel{'s' * (channels > 1)} "
+                          f"({'grayscale' if channels in (1, 2) else 'unknown'}), but the model makes RGB frames; "
+                          f"save it as RGB")
+    if img.shape[:2] != Stream.frame_hw:
+        raise ConfigError(f"--first-frame {path}: the image is {img.shape[1]}x{img.shape[0]} pixels, but the model "
+                          f"makes {Stream.frame_hw[1]}x{Stream.frame_hw[0]} frames; resize it to that size")
     x = torch.from_numpy(img[..., :3].astype("float32")) / 127.5 - 1
     return x.permute(2, 0, 1)[None, None]
 
@@ -417,7 +429,8 @@ def build_parser():
     p.add_argument("--fps", type=float, default=8.0, help="--interactive: playback rate the stream is paced to")
     p.add_argument("--first-frame", default=None, help="I2V: an image written into the cache as frame 0")
     p.add_argument("--out", default="outputs/stream.gif", help=".gif or .mp4 (needs imageio-ffmpeg)")
-    p.add_argument("--no-speed", action="store_true", help="skip the printed speed measurement")
+    p.add_argument("--speed", action="store_true", help="after the stream, time it with and without the KV cache "
+                   "(first-frame latency, per-frame latency, frames/s); Ctrl-C skips it")
     p.add_argument("--bench", action="store_true", help="print the speed table and the long-stream drift check "
                    "(with --model: the Wan-scale speed benchmark, random weights)")
     w = p.add_argument_group("Wan scale")
@@ -466,29 +479,31 @@ def main(argv=None):
     fpb = ckpt["config"].get("frames_per_block", 1)
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
     if n_steps not in (1, 2, 4):
-        raise ValueError(f"--steps must be 1, 2 or 4 (got {n_steps})")
+        raise ConfigError(f"--steps must be 1, 2 or 4 (got {n_steps})")
     if args.window is None:
         args.window = default_window(fpb)
     if args.interactive and not args.window:
-        raise ValueError("--interactive streams without end: it needs a rolling cache (--window >= 1)")
+        raise ConfigError("--interactive streams without end: it needs a rolling cache (--window >= 1)")
     if args.frames is None:
         args.frames = 10 ** 9 if args.interactive else 48
     n_frames = args.frames
-    if args.frames < fpb or args.frames % fpb:
-        raise ValueError(f"--frames {args.frames} is not a whole number of {fpb}-frame blocks (this checkpoint is "
+    if args.frames < 1:
+        raise ConfigError(f"--frames {args.frames}: generate at least one frame")
+    if args.frames % fpb:
+        raise ConfigError(f"--frames {args.frames} is not a whole number of {fpb}-frame blocks (this checkpoint is "
                          f"{'frame' if fpb == 1 else 'chunk'}-wise)")
     if args.window and args.window % fpb:
-        raise ValueError(f"--window {args.window} is not a whole number of {fpb}-frame blocks")
+        raise ConfigError(f"--window {args.window} is not a whole number of {fpb}-frame blocks")
     text = toy_data.TextEncoder()
-    text([args.prompt])  # a prompt the encoder cannot represent fails here, listing the valid ones
+    check_prompt(args.prompt, "--prompt")  # a prompt the toy cannot represent fails here, listing the valid ones
     switches = dict(parse_switch(s, args.frames, fpb) for s in args.switch)
     first_image = None
     if args.first_frame:
         if fpb != 1:
-            raise ValueError("--first-frame (I2V) needs a frame-wise checkpoint (frames_per_block 1)")
+            raise ConfigError("--first-frame (I2V) needs a frame-wise checkpoint (frames_per_block 1)")
         first_image = read_first_frame(args.first_frame).to(device)
     if os.path.splitext(args.out)[1] not in (".gif", ".mp4"):
-        raise ValueError(f"--out {args.out}: write a .gif or an .mp4")
+        raise ConfigError(f"--out {args.out}: write a .gif or an .mp4")
 
     steps = warped_steps(n_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4 and first_image is None) else None
@@ -503,9 +518,11 @@ def main(argv=None):
               f"and Enter to switch, 'quit' to stop")
     print(f"{args.ckpt}: {ckpt['stage']}, {'frame' if fpb == 1 else 'chunk'}-wise, {n_steps}-step"
           + (" (block 0: 4-step)" if first else "") + f", prompt {prompt!r}")
-    frames, t_start = [], time.perf_counter()
+    frames, captions, t_start = [], [], time.perf_counter()  # captions: each frame's line in the GIF
+    mode = f"{ckpt['stage']}, {n_steps}-step"
     if first_image is not None:
         frames.append(stream.write_frames(first_image))
+        captions.append(f"{mode}, frame 0\n(the given first frame)")
     try:
         while stream.frame < n_frames:
             if stream.frame in switches:
@@ -528,6 +545,7 @@ def main(argv=None):
             if stream.frame >= n_frames:
                 break
             frames.append(stream.next_block())
+            captions += [f"{mode}, frame {i}\n{prompt}" for i in range(stream.frame - frames[-1].shape[1], stream.frame)]
             if args.interactive:  # pace to the playback rate, as a viewer would watch it
                 print(f"\rframe {stream.frame} ({prompt})", end="", flush=True)
                 time.sleep(max(0.0, stream.frame / args.fps - (time.perf_counter() - t_start)))
@@ -540,11 +558,15 @@ def main(argv=None):
         return None
     clip = torch.cat(frames, 1).cpu()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    toy_data.save_video(args.out, clip, fps=8)
+    toy_data.save_video(args.out, clip, fps=8, title=captions)
     print(f"wrote {args.out} ({clip.shape[1]} frames)")
-    if not args.no_speed and not args.interactive and first_image is None:
-        s = stream_speed(model, n_steps, fpb, frames=args.frames, first_block_4step=first is not None,
-                         window=args.window or None, sink=args.sink, repeats=1)
+    if args.speed and not args.interactive and first_image is None:
+        try:
+            s = stream_speed(model, n_steps, fpb, frames=args.frames, first_block_4step=first is not None,
+                             window=args.window or None, sink=args.sink, repeats=1)
+        except KeyboardInterrupt:
+            print("speed check interrupted (the stream is written)")
+            return clip
         print(f"speed (batch 1, {device.type}): first-frame latency {1000 * s['first_frame_s']:.1f} ms, per-frame "
               f"{1000 * s['per_frame_s']:.2f} ms, {s['fps']:.0f} frames/s with the KV cache; "
               f"{s['fps_recompute']:.0f} frames/s recomputing the prefix: {s['cache_speedup']:.1f}x")
@@ -590,4 +612,4 @@ def bench(args):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

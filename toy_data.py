@@ -583,11 +583,55 @@ def to_uint8_grid(clips, ncols=None, scale=8):
     return grid.numpy()
 
 
-def save_video(path, clips, ncols=None, fps=8, scale=8):
-    """Write a looping GIF (or an MP4, if imageio-ffmpeg is installed) of a grid of clips (B, F, 3, H, W)."""
+def text_strip(items, width, lines=1):
+    """A white strip (12 lines + 4 px high, `width` px wide) of uint8 RGB with each (x_center_px, text) of
+    `items` drawn in black by matplotlib (Agg, off-screen): the labels of a GIF."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    height = 12 * lines + 4
+    fig = Figure(figsize=(width / 100, height / 100), dpi=100, facecolor="white")
+    canvas = FigureCanvasAgg(fig)
+    for x, text in items:
+        fig.text(x / width, 0.5, text, ha="center", va="center", fontsize=7, linespacing=1.1)
+    canvas.draw()
+    img = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = np.full((height, width, 3), 255, np.uint8)
+    out[:min(height, img.shape[0]), :min(width, img.shape[1])] = img[:height, :width]
+    return out
+
+
+def label_grid(frames, B, ncols, tile_hw, labels=None, title=None):
+    """Frames (F, H', W', 3) of a to_uint8_grid of B clips -> the same with a strip above each row of the grid
+    naming each clip (labels: one string per clip) and a title strip on top (one string, or one per frame)."""
+    F, _, W_all, _ = frames.shape
+    (h, w), sep = tile_hw, 2
+    nrows = math.ceil(B / ncols)
+    rows = []
+    for r in range(nrows):
+        if labels is not None:
+            items = [((c * (w + sep)) + w / 2, labels[r * ncols + c]) for c in range(ncols) if r * ncols + c < B]
+            strip = text_strip(items, W_all, lines=max(str(t).count("\n") + 1 for _, t in items))
+            rows.append(np.broadcast_to(strip, (F, *strip.shape)))
+        rows.append(frames[:, r * (h + sep):r * (h + sep) + h + (sep if r < nrows - 1 else 0)])
+    out = np.concatenate(rows, 1)
+    if title is not None:
+        titles = [title] * F if isinstance(title, str) else list(title)
+        lines = max(t.count("\n") + 1 for t in titles)
+        cache = {t: text_strip([(W_all / 2, t)], W_all, lines) for t in set(titles)}
+        out = np.concatenate([np.stack([cache[t] for t in titles]), out], 1)
+    return np.ascontiguousarray(out)
+
+
+def save_video(path, clips, ncols=None, fps=8, scale=8, labels=None, title=None):
+    """Write a looping GIF (or an MP4, if imageio-ffmpeg is installed) of a grid of clips (B, F, 3, H, W),
+    with each clip's label (e.g. its prompt) above it and a title line on top (a string or one per frame)."""
     import imageio.v2 as imageio
     path = Path(path)
     frames = to_uint8_grid(clips, ncols, scale)  # (F, H', W', 3)
+    if labels is not None or title is not None:
+        B, _, _, H, W = clips.shape
+        frames = label_grid(frames, B, min(ncols or math.ceil(math.sqrt(B)), B), (H * scale, W * scale),
+                            labels, title)
     if path.suffix == ".gif":
         imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)  # pillow: duration in ms per frame
     elif path.suffix == ".mp4":
@@ -654,7 +698,7 @@ if __name__ == "__main__":
         print(f"{name:40s}" + "".join(f"{m[k]:14.3f}" for k in keys))
     print(f"sample_clips(64): {1000 * t_sample:.2f} ms, evaluate(64 clips): {1000 * t_eval:.0f} ms")
     Path("out").mkdir(exist_ok=True)
-    save_video("out/toy_real.gif", clips[:16], ncols=8)
+    save_video("out/toy_real.gif", clips[:16], ncols=8, labels=prompts[:16], title="real clips of the toy world")
     import imageio.v2 as imageio  # frame 0 of a real clip, full size: an I2V input for sample_stream.py
     imageio.imwrite("out/toy_first_frame.png", ((clips[0, 0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy())
     print(f"wrote out/toy_real.gif and out/toy_first_frame.png ({prompts[0]})")

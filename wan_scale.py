@@ -24,7 +24,8 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from model import PRESETS, DiT, RMSNorm, autocast, load_wan_weights, pick_device, warped_steps
+from model import (ConfigError, DiT, PRESETS, RMSNorm, autocast, load_wan_weights, pick_device, run_main,
+                   warped_steps)
 from sample_stream import _sync, timed_stream
 
 
@@ -61,7 +62,7 @@ class LatentFolder:
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
                             if f.endswith(".safetensors") and f != "negative.safetensors")
         if not self.files:
-            raise ValueError(f"latent folder {path} holds no *.safetensors clips")
+            raise ConfigError(f"latent folder {path} holds no *.safetensors clips")
         self.in_dim, self.text_dim, self.text_len, self.frames = in_dim, text_dim, text_len, frames
         problems, shapes = [], {}
         for fname in self.files:
@@ -85,7 +86,7 @@ class LatentFolder:
                             f"pass frames= to crop to a common length)")
         if problems:
             shown = "\n  ".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
-            raise ValueError(f"latent folder {path} has {len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}:"
+            raise ConfigError(f"latent folder {path} has {len(problems)} bad entr{'y' if len(problems) == 1 else 'ies'}:"
                              f"\n  {shown}")
         self.shape = next(iter(shapes))  # (F, H, W)
         neg = os.path.join(path, "negative.safetensors")
@@ -229,7 +230,7 @@ def read_video(path, frames=81, size=(480, 832)):
     import numpy as np
     video = np.asarray(iio.imread(path, index=None))[:frames]  # (T, H, W, 3)
     if len(video) < frames:
-        raise ValueError(f"{path} has {len(video)} frames, fewer than the {frames} asked for")
+        raise ConfigError(f"{path} has {len(video)} frames, fewer than the {frames} asked for")
     x = torch.from_numpy(video[..., :3]).permute(0, 3, 1, 2).float()  # (T, 3, H, W)
     H, W = x.shape[2:]
     scale = max(size[0] / H, size[1] / W)
@@ -244,7 +245,7 @@ def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), dev
     names = sorted(os.path.splitext(f)[0] for f in os.listdir(videos) if f.endswith((".mp4", ".gif", ".webm", ".mov")))
     missing = [n for n in names if not os.path.exists(os.path.join(videos, n + ".txt"))]
     if not names or missing:
-        raise ValueError(f"{videos}: expected NAME.mp4 + NAME.txt (the prompt) pairs; "
+        raise ConfigError(f"{videos}: expected NAME.mp4 + NAME.txt (the prompt) pairs; "
                          + (f"no prompt file for {missing[:5]}" if names else "no videos found"))
     from tqdm import tqdm
     text, vae = WanTextEncoder(device=device), WanVAE(device=device)
@@ -265,15 +266,15 @@ def open_data(spec, model_cfg, clip_frames=0):
     (its clips cropped to their first `clip_frames` latent frames when > 0), or "FxHxW" (SyntheticLatents). All
     answer batch(n, generator) -> (x0, text, null text, prompts) and texts(n, generator)."""
     if clip_frames and (spec == "toy" or parse_clip_size(spec)):
-        raise ValueError(f"--clip-frames crops the clips of a latent folder; --data {spec} sets its frames itself")
+        raise ConfigError(f"--clip-frames crops the clips of a latent folder; --data {spec} sets its frames itself")
     if spec == "toy":
         if model_cfg.in_dim != 3:
-            raise ValueError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "
+            raise ConfigError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "
                              f"--data <latent folder> for a Wan-shaped model")
         import toy_data
         return toy_data.ToyData()
     if model_cfg.in_dim == 3:
-        raise ValueError(f"--data {spec}: a latent folder needs a Wan-shaped model (--model wan2.1-1.3b or wan-tiny "
+        raise ConfigError(f"--data {spec}: a latent folder needs a Wan-shaped model (--model wan2.1-1.3b or wan-tiny "
                          f"with --init-weights); the toy model reads --data toy")
     size = parse_clip_size(spec)
     if size:
@@ -322,7 +323,7 @@ def wan_base(preset, init_weights, device="cpu"):
     init_weights="random": random weights in the preset's shape, for measuring memory and speed without a download
     (memory and speed do not depend on the values; the zero-initialised head is filled in so outputs are not 0)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown --model {preset!r}; presets: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown --model {preset!r}; presets: {sorted(PRESETS)}")
     if init_weights == "random":
         print(f"--init-weights random: {preset} with RANDOM weights (memory / speed measurement only, nothing to learn)")
         torch.manual_seed(0)
@@ -408,7 +409,7 @@ def make_optimizer(params, name, lr, betas, weight_decay):
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
     if name == "lean":
         return LeanAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ValueError(f"--optimizer must be 'adamw' or 'lean' (got {name!r})")
+    raise ConfigError(f"--optimizer must be 'adamw' or 'lean' (got {name!r})")
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -419,7 +420,7 @@ def prepare(model, param_dtype="float32", grad_checkpointing=False):
     matrices (Linear, Conv3d) and the q/k RMSNorm scales become bf16; the LayerNorm of the float32 residual
     stream and the modulation vectors (added to float32 time embeddings) stay float32: ~0.1% of the weights."""
     if param_dtype not in DTYPES:
-        raise ValueError(f"--param-dtype must be one of {sorted(DTYPES)} (got {param_dtype!r})")
+        raise ConfigError(f"--param-dtype must be one of {sorted(DTYPES)} (got {param_dtype!r})")
     model.gradient_checkpointing = grad_checkpointing
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv3d, RMSNorm)):
@@ -485,7 +486,7 @@ def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype
         parts = dict(weights=w, kv_cache=kv_cache_bytes(cfg, batch, frames, tpf, ab),
                      activations=batch * frames_per_block * tpf * (4 * cfg.dim + cfg.ffn_dim) * ab * 2)
     else:
-        raise ValueError(f"unknown stage {stage!r}")
+        raise ConfigError(f"unknown stage {stage!r}")
     parts["inputs"] = io
     parts["total"] = sum(parts.values())
     return parts
@@ -495,7 +496,7 @@ def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
     """The plan of one training step of a stage script with these options, at the data's clip size:
     (parts, a line describing what was planned). Activations are bf16 on a GPU (autocast) or with bf16 weights."""
     if opts.model not in PRESETS:
-        raise ValueError(f"unknown --model {opts.model!r}; presets: {sorted(PRESETS)}")
+        raise ConfigError(f"unknown --model {opts.model!r}; presets: {sorted(PRESETS)}")
     cfg = PRESETS[opts.model]
     if opts.data == "toy":
         import toy_data
@@ -661,7 +662,7 @@ def parse_hw(spec):
     try:
         h, w = (int(v) for v in spec.lower().split("x"))
     except ValueError:
-        raise ValueError(f"expected HxW, e.g. 60x104 (got {spec!r})") from None
+        raise ConfigError(f"expected HxW, e.g. 60x104 (got {spec!r})") from None
     return h, w
 
 
@@ -682,7 +683,7 @@ def main_wan(args, model, ckpt, device):
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
     frames = args.frames or 21
     if frames % fpb:
-        raise ValueError(f"--frames {frames} is not a whole number of {fpb}-frame blocks")
+        raise ConfigError(f"--frames {frames} is not a whole number of {fpb}-frame blocks")
     h, w = parse_hw(args.latent_hw)
     steps = warped_steps(n_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4) else None
@@ -715,5 +716,4 @@ if __name__ == "__main__":
     parser.add_argument("--size", default="480x832", help="HxW of the videos fed to the VAE")
     parser.add_argument("--device", default="auto")
     a = parser.parse_args()
-    make_latent_folder(a.videos, a.out, a.negative, a.frames, tuple(int(v) for v in a.size.split("x")),
-                       pick_device(a.device))
+    run_main(make_latent_folder, a.videos, a.out, a.negative, a.frames, parse_hw(a.size), pick_device(a.device))

@@ -153,7 +153,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, monkey
     monkeypatch.setattr(toy_data, "sample_clips", dying_sample)
     with pytest.raises(KeyboardInterrupt):
         ar_teacher.train(cfg_b)
-    assert M.load_checkpoint(str(tmp_path / "b" / "base.pt"))["step"] == 2
+    assert M.load_checkpoint(str(tmp_path / "b" / "base.partial.pt"))["step"] == 2  # unfinished: X.partial.pt
     monkeypatch.setattr(toy_data, "sample_clips", real_sample)
     ar_teacher.train(dataclasses.replace(cfg_b, resume=True))
     resumed = M.load_checkpoint(str(tmp_path / "b" / "base.pt"))

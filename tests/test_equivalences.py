@@ -26,7 +26,7 @@ def test_i2v_is_sample_stream_on_a_cache_prefilled_with_the_image(streamable, tm
     clip = toy_data.sample_clips(1, seed=3)[0][0, 0]
     png = tmp_path / "first.png"
     imageio.imwrite(png, ((clip.permute(1, 2, 0) + 1) * 127.5).round().to(torch.uint8).numpy())
-    out = S.main(["--ckpt", paths[1], "--frames", "6", "--no-speed", "--first-frame", str(png),
+    out = S.main(["--ckpt", paths[1], "--frames", "6", "--first-frame", str(png),
                   "--out", str(tmp_path / "i2v.gif")])
 
     m, _ = S.load_streamable(paths[1])
@@ -123,10 +123,12 @@ def test_cli_prints_the_measured_speed_as_is(streamable, monkeypatch, capsys):
     paths, tmp = streamable
     fake = dict(frames=6, first_frame_s=0.005, per_frame_s=0.003, fps=300.0, fps_recompute=75.0, cache_speedup=4.0)
     monkeypatch.setattr(S, "stream_speed", lambda *a, **k: fake)
-    S.main(["--ckpt", paths[1], "--frames", "2", "--out", str(tmp / "s.gif")])
+    S.main(["--ckpt", paths[1], "--frames", "2", "--speed", "--out", str(tmp / "s.gif")])
     out = capsys.readouterr().out
     assert ("first-frame latency 5.0 ms, per-frame 3.00 ms, 300 frames/s with the KV cache; "
             "75 frames/s recomputing the prefix: 4.0x") in out
+    monkeypatch.setattr(S, "stream_speed", lambda *a, **k: pytest.fail("timed without --speed"))
+    S.main(["--ckpt", paths[1], "--frames", "2", "--out", str(tmp / "s.gif")])  # the speed check is opt-in
 
 
 # --- the DiT block, written out from SPEC §2 ----------------------------------------------------------------------

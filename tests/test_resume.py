@@ -2,6 +2,7 @@
 uninterrupted one in everything it saves: model, EMA, critic, both optimizers, step, history and RNG state.
 Tiny toy models (the smoke tests' presets); each stage's closing evaluation is stubbed out, since neither fact
 depends on it."""
+import os
 import shutil
 
 import pytest
@@ -158,17 +159,20 @@ def assert_same(a, b, path="checkpoint"):
 
 def interrupted_then_resumed(monkeypatch, train, cfg, path, module, loss_name, die_at, keys):
     """Run cfg straight through; then again from scratch, killed inside the loss of call `die_at` (after a
-    checkpoint), then resumed. The two final checkpoints must agree on `keys`."""
+    checkpoint), then resumed. The killed rerun must leave the finished checkpoint untouched (its own went to
+    X.partial.pt); the two final checkpoints must agree on `keys`, and the partial file is gone at the end."""
     train(cfg)
     straight = M.load_checkpoint(path)
-    shutil.move(path, path + ".straight")
+    finished_bytes = open(path, "rb").read()
     real = dies_at(monkeypatch, module, loss_name, die_at)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
-    killed_at = M.load_checkpoint(path)
+    assert open(path, "rb").read() == finished_bytes, "a killed rerun replaced the finished checkpoint"
+    killed_at = M.load_checkpoint(M.partial_path(path))
     monkeypatch.setattr(module, loss_name, real)
     train(type(cfg)(**{**cfg.__dict__, "resume": True}))
     resumed = M.load_checkpoint(path)
+    assert not os.path.exists(M.partial_path(path))
     for k in keys:
         assert_same(straight[k], resumed[k], k)
     return killed_at, resumed
@@ -210,3 +214,36 @@ def test_dmd_resume_restores_everything(run_dir, monkeypatch):
         ["model", "ema", "ema_started", "critic", "optimizer", "optimizer_critic", "rng", "iteration", "log"])
     assert killed["iteration"] == 4 and resumed["iteration"] == 8 and resumed["ema_started"]
     assert differs(resumed["ema"], resumed["model"])  # the EMA is its own state, not a copy of the generator
+
+
+# --- bad input: one line, before any work -----------------------------------------------------------------------
+
+def test_resume_with_nothing_to_resume_stops_and_says_so(tmp_path):
+    with pytest.raises(M.ConfigError, match="nothing to resume.*drop --resume"):
+        ar_teacher.train(tiny_run(tmp_path, phase="base", resume=True))
+
+
+def test_a_shipped_teacher_cannot_be_resumed_and_the_error_says_why(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, ar_teacher.SHIPPED_DIR, "base.pt"), tmp_path / "base.pt")
+    with pytest.raises(M.ConfigError, match="EMA weights only.*--eval-only"):
+        ar_teacher.train(tiny_run(tmp_path, phase="base", resume=True))
+
+
+def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "dmd.py", "--init", "nope"], cwd=root, capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "error: --init must be one of bidirectional_ode, ar_teacher, causal_ode, causal_cd " \
+                               "(got 'nope')"
+
+
+def test_help_shows_each_flag_with_its_dataclass_comment_and_default(capsys):
+    with pytest.raises(SystemExit):
+        M.parse_config(ar_teacher.Config, ["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--base-steps BASE_STEPS optimizer steps of --phase base (default: 7000)" in text
+    assert "(a shipped file)" not in text and "--eval-clips EVAL_CLIPS clips of the final evaluation (8 per prompt). " \
+                                                "More clips on a finished run:" in text  # continuation comment lines

@@ -258,3 +258,11 @@ def test_injectivity_figure_is_drawn_with_every_panel_measured(tiny_teachers, mo
     assert min(summary["variance"]["bidirectional teacher"][:5]) > 0  # the last frame has no future
     for key in ("train_inputs", "stream", "targets"):
         assert {len(v) for v in summary[key].values()} == {6}
+
+
+def test_per_frame_and_plot_without_students_stop_and_name_the_commands(tmp_path, monkeypatch):
+    monkeypatch.setattr(ode_init, "train", lambda cfg: pytest.fail("--plot started training without being asked"))
+    with pytest.raises(M.ConfigError, match=r"no ODE student.*python ode_init.py --teacher ar --out-dir"):
+        ode_init.per_frame_report(ode_init.Config(out_dir=str(tmp_path)))
+    with pytest.raises(M.ConfigError, match=r"--plot needs .*causal_ode.pt and .*bidirectional_ode.pt.*--train-missing"):
+        ode_init.plot_injectivity(ode_init.Config(out_dir=str(tmp_path), plot=True))

@@ -152,7 +152,7 @@ def streamable(tmp_path):
 
 
 def cli(path, tmp_path, *extra):
-    return S.main(["--ckpt", path, "--frames", "6", "--no-speed", "--out", str(tmp_path / "s.gif"), *extra])
+    return S.main(["--ckpt", path, "--frames", "6", "--out", str(tmp_path / "s.gif"), *extra])
 
 
 def test_prompt_switch_changes_only_later_frames(streamable):
@@ -177,17 +177,22 @@ def test_first_frame_i2v_is_written_into_the_cache(streamable):
 
 def test_cli_bad_input_fails_before_any_work(streamable, tmp_path):
     paths, tmp = streamable
-    with pytest.raises(ValueError, match="cannot represent prompt 'purple circle'"):
+    with pytest.raises(M.ConfigError, match="--prompt: the toy cannot represent prompt 'purple circle'"):
         cli(paths[1], tmp, "--prompt", "purple circle")
     with pytest.raises(ValueError, match="--frames 7 is not a whole number of 3-frame blocks"):
-        S.main(["--ckpt", paths[3], "--frames", "7", "--no-speed"])
+        S.main(["--ckpt", paths[3], "--frames", "7"])
     with pytest.raises(ValueError, match="frame 9 is outside the stream"):
         cli(paths[1], tmp, "--switch", "9:red square")
     with pytest.raises(ValueError, match="expected FRAME:PROMPT"):
         cli(paths[1], tmp, "--switch", "red square")
     imageio.imwrite(tmp / "big.png", np.zeros((32, 32, 3), np.uint8))
-    with pytest.raises(ValueError, match=r"image is \(32, 32, 3\).*16x16 RGB frames"):
+    with pytest.raises(M.ConfigError, match=r"image is 32x32 pixels.*makes 16x16 frames; resize"):
         cli(paths[1], tmp, "--first-frame", str(tmp / "big.png"))
+    imageio.imwrite(tmp / "gray.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(M.ConfigError, match=r"1 channel \(grayscale\).*RGB frames; save it as RGB"):
+        cli(paths[1], tmp, "--first-frame", str(tmp / "gray.png"))
+    with pytest.raises(M.ConfigError, match=r"--frames 0: generate at least one frame"):
+        cli(paths[1], tmp, "--frames", "0")
     with pytest.raises(ValueError, match="needs a frame-wise checkpoint"):
         S.main(["--ckpt", paths[3], "--frames", "6", "--first-frame", str(tmp / "big.png")])
     base = str(tmp / "base.pt")
@@ -229,7 +234,7 @@ def test_smoke_dmd_resume_and_errors(tiny_teachers):
     with pytest.raises(ValueError, match=r"other settings.*'lr': \(2e-06, 0.001\)"):
         dmd.train(dmd_run(tiny_teachers, num_steps=2, gen_updates=4, resume=True, lr=1e-3))
     # the DMD generator streams through the CLI with its own step count
-    clip = S.main(["--ckpt", path, "--frames", "4", "--no-speed", "--out", str(tiny_teachers / "d.gif")])
+    clip = S.main(["--ckpt", path, "--frames", "4", "--out", str(tiny_teachers / "d.gif")])
     assert clip.shape == (1, 4, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match="python ode_init.py --teacher bidirectional"):
         dmd.train(dmd_run(tiny_teachers, init="bidirectional_ode"))
@@ -284,7 +289,7 @@ def test_smoke_dmd_chunkwise(tmp_path, monkeypatch):
     dmd.train(run)
     path = dmd.checkpoint_path(run)
     assert path.endswith("dmd_causal_cd_4step_fpb3.pt")
-    clip = S.main(["--ckpt", path, "--frames", "9", "--no-speed", "--out", str(tmp_path / "c.gif")])
+    clip = S.main(["--ckpt", path, "--frames", "9", "--out", str(tmp_path / "c.gif")])
     assert clip.shape == (1, 9, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match="python causal_cd.py --toy"):  # no frame-wise student here
         dmd.train(dmd_run(tmp_path, num_steps=4))

@@ -254,6 +254,24 @@ def test_save_video_gif(tmp_path):
         td.save_video(tmp_path / "clips.avi", clips)
 
 
+def test_save_video_labels_each_clip_and_titles_each_frame(tmp_path):
+    import imageio.v3 as iio
+    clips, prompts = td.sample_clips(6, seed=0)
+    td.save_video(tmp_path / "l.gif", clips, ncols=3, scale=4, labels=prompts,
+                  title=[f"frame {i}" for i in range(td.FRAMES)])
+    frames = iio.imread(tmp_path / "l.gif", index=None)[..., :3]
+    grid = td.to_uint8_grid(clips, ncols=3, scale=4)
+    strip = 16  # one line of text: 12 + 4 px
+    assert frames.shape[1:3] == (grid.shape[1] + 3 * strip, grid.shape[2])  # title + one label strip per row
+    assert np.array_equal(frames[:, 2 * strip:2 * strip + 66], grid[:, :66])  # row 0 (and its separator) intact
+    assert np.array_equal(frames[:, 3 * strip + 66:], grid[:, 66:])  # row 1 intact below its label strip
+    for c in range(3):  # ink above every tile of both rows
+        for top in (strip, 2 * strip + 66):
+            assert (frames[0, top:top + strip, c * 66:c * 66 + 64] < 100).any()
+    assert not np.array_equal(frames[0, :strip], frames[1, :strip])  # the title changes frame by frame
+    assert np.array_equal(frames[0, strip:2 * strip], frames[1, strip:2 * strip])  # the labels do not
+
+
 def test_save_video_mp4_needs_imageio_ffmpeg(tmp_path):
     pytest.importorskip("imageio")
     try:
