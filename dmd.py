@@ -375,9 +375,10 @@ def table(cfg):
     # Each finished run is recorded at once with the settings it ran under; `--table --resume` reuses the runs
     # recorded under today's settings and trains only the rest (a 2-hour table survives an interruption).
     done_path = os.path.join(cfg.out_dir, "dmd_table_runs.json")
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "device", "table_seeds")}
+    how = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "table_seeds", "out_dir")}
+    settings = how(asdict(cfg))  # how the runs train (not where they are kept: a table folder may move)
     done = json.load(open(done_path)) if cfg.resume and os.path.exists(done_path) else {}
-    done = {k: v for k, v in done.items() if v["settings"] == settings}
+    done = {k: v for k, v in done.items() if how(v["settings"]) == settings}
     rows = []
     for init in INITS:
         for n in (1, 2, 4):
