@@ -519,10 +519,10 @@ def main(argv=None):
     print(f"{args.ckpt}: {ckpt['stage']}, {'frame' if fpb == 1 else 'chunk'}-wise, {n_steps}-step"
           + (" (block 0: 4-step)" if first else "") + f", prompt {prompt!r}")
     frames, captions, t_start = [], [], time.perf_counter()  # captions: each frame's line in the GIF
-    mode = f"{ckpt['stage']}, {n_steps}-step"
+    mode = f"{n_steps}-step"  # (the stage is in the CLI's output; a 128-px frame holds a short line)
     if first_image is not None:
         frames.append(stream.write_frames(first_image))
-        captions.append(f"{mode}, frame 0\n(the given first frame)")
+        captions.append("frame 0\nthe given image")
     try:
         while stream.frame < n_frames:
             if stream.frame in switches:
@@ -545,7 +545,7 @@ def main(argv=None):
             if stream.frame >= n_frames:
                 break
             frames.append(stream.next_block())
-            captions += [f"{mode}, frame {i}\n{prompt}" for i in range(stream.frame - frames[-1].shape[1], stream.frame)]
+            captions += [f"frame {i}, {mode}\n{prompt}" for i in range(stream.frame - frames[-1].shape[1], stream.frame)]
             if args.interactive:  # pace to the playback rate, as a viewer would watch it
                 print(f"\rframe {stream.frame} ({prompt})", end="", flush=True)
                 time.sleep(max(0.0, stream.frame / args.fps - (time.perf_counter() - t_start)))
