@@ -26,6 +26,7 @@ import os
 import time
 
 import torch
+from tqdm import tqdm
 
 import toy_data
 from model import (ConfigError, KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
@@ -251,9 +252,11 @@ class Stream:
     first frames plus the `window` most recent ones, Self Forcing / StreamingLLM style), which lets a stream
     run far beyond the training length in constant memory. RoPE positions stay absolute; attention only ever
     sees relative offsets, which stay within the training range for window frames (not for sinks: see
-    the README's drift measurement). `set_prompt` switches the cross-attention context for later blocks
-    (the cached past keeps the K/V it was written with). `write_frames` puts given clean frames (I2V's first
-    frame) into the cache at t = 0, the same write as the refresh after a generated block."""
+    the README's drift measurement). `set_prompt` switches the cross-attention context for later blocks; the
+    cached past keeps the K/V it was written with, unless `recache=True` (LongLive's KV re-cache): then every
+    block the cache still holds is run again at t = 0 under the new prompt, oldest first, each seeing only the
+    held frames before it, and its K/V overwritten. `write_frames` puts given clean frames (I2V's first frame)
+    into the cache at t = 0, the same write as the refresh after a generated block."""
 
     frame_hw = (toy_data.SIZE, toy_data.SIZE)  # the toy's frame size
 
@@ -264,15 +267,30 @@ class Stream:
         self.generator = generator
         self.frame = 0  # absolute index of the next frame
         self.ctx = None
+        self.held = {}  # first frame of each block the cache holds -> its clean frames (for the re-cache)
+        self.recache_calls = 0  # forwards the re-caches ran (a test counts them)
 
-    def set_prompt(self, ctx):
+    @torch.no_grad()
+    def set_prompt(self, ctx, recache=False):
         self.ctx = ctx
+        if recache:  # LongLive: the held past, re-encoded under the new prompt, oldest block first
+            for start, frames in sorted(self.held.items()):
+                self.model(frames, torch.zeros(frames.shape[:2], device=frames.device), ctx, cache=self.cache,
+                           start_frame=start)
+                self.recache_calls += 1
+
+    def _hold(self, start, frames):
+        """Keep the clean frames of the blocks the cache still holds (a rolling cache forgets the oldest)."""
+        self.held[start] = frames
+        kept = set(self.cache.visible_frames())
+        self.held = {f: x for f, x in self.held.items() if f in kept}
 
     @torch.no_grad()
     def write_frames(self, frames):
         """Clean frames (B, n, C, H, W) -> cache at t = 0; they become the stream's next n frames."""
         t0 = torch.zeros(frames.shape[:2], device=frames.device)
         self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame)
+        self._hold(self.frame, frames)
         self.frame += frames.shape[1]
         return frames
 
@@ -284,8 +302,43 @@ class Stream:
         noise = torch.randn(batch, self.fpb, c, h, w, generator=self.generator).to(p.device)
         out = sample_stream(self.model, noise, self.ctx, self.steps, self.fpb, self.first, self.generator,
                             cache=self.cache, start_frame=self.frame)
+        self._hold(self.frame, out)
         self.frame += self.fpb
         return out
+
+
+@torch.no_grad()
+def switch_report(model, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0, recache=False,
+                  before=6, after=12, seed=0):
+    """Prompt switches measured over all 72 ordered pairs of different prompts, one stream each (batch 72):
+    `before` frames under prompt A, then prompt B (with or without the re-cache) for `after` frames. Returns the
+    prompt accuracy, physics and fd of the 6 frames after the switch (scored against B), the physics of the 6
+    frames around it (3 before, 3 after), the mean number of frames after the switch until a frame shows B's
+    colour and shape (`after` if none does), and the re-cache's latency at batch 1."""
+    pairs = [(a, b) for a in toy_data.PROMPTS for b in toy_data.PROMPTS if a != b]
+    text, dev = toy_data.TextEncoder(), next(model.parameters()).device
+    ctx_a, ctx_b = text([a for a, _ in pairs]).to(dev), text([b for _, b in pairs]).to(dev)
+    stream = Stream(model, steps, frames_per_block, first_block_steps, window, sink, max_frames=before + after,
+                    generator=torch.Generator().manual_seed(seed))
+    stream.set_prompt(ctx_a)
+    blocks = [stream.next_block(len(pairs)) for _ in range(before // frames_per_block)]
+    stream.set_prompt(ctx_b, recache=recache)
+    blocks += [stream.next_block(len(pairs)) for _ in range(after // frames_per_block)]
+    clip, b_prompts = torch.cat(blocks, 1).cpu(), [b for _, b in pairs]
+    m = toy_data.evaluate(clip[:, before:before + toy_data.FRAMES], b_prompts)
+    hit = toy_data.frames_matching(clip[:, before:], b_prompts)  # (72, after)
+    first = torch.where(hit.any(1), hit.float().argmax(1), torch.tensor(after)).float()
+    around = toy_data.evaluate(clip[:, before - 3:before + 3], b_prompts)["physics"]
+    one = Stream(model, steps, frames_per_block, first_block_steps, window, sink, max_frames=before + after)
+    one.set_prompt(ctx_a[:1])
+    for _ in range(before // frames_per_block):
+        one.next_block()
+    _sync(dev)
+    t0 = time.perf_counter()
+    one.set_prompt(ctx_b[:1], recache=True)
+    _sync(dev)
+    return dict(prompt_acc=m["prompt_acc"], physics=m["physics"], fd=m["fd"], physics_around=around,
+                frames_to_new_prompt=first.mean().item(), recache_s=time.perf_counter() - t0)
 
 
 def _sync(device):
@@ -426,11 +479,15 @@ def build_parser():
     p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
                    help="switch the prompt at FRAME (repeatable)")
     p.add_argument("--interactive", action="store_true", help="read new prompts from stdin while streaming")
+    p.add_argument("--recache", action="store_true", help="at a prompt switch, re-encode the cached past under the "
+                   "new prompt (LongLive's KV re-cache) instead of keeping its K/V")
     p.add_argument("--fps", type=float, default=8.0, help="--interactive: playback rate the stream is paced to")
     p.add_argument("--first-frame", default=None, help="I2V: an image written into the cache as frame 0")
     p.add_argument("--out", default="outputs/stream.gif", help=".gif or .mp4 (needs imageio-ffmpeg)")
     p.add_argument("--speed", action="store_true", help="after the stream, time it with and without the KV cache "
                    "(first-frame latency, per-frame latency, frames/s); Ctrl-C skips it")
+    p.add_argument("--switch-bench", action="store_true", help="measure prompt switches with and without --recache "
+                   "(72 prompt pairs, 3 seeds)")
     p.add_argument("--bench", action="store_true", help="print the speed table and the long-stream drift check "
                    "(with --model: the Wan-scale speed benchmark, random weights)")
     w = p.add_argument_group("Wan scale")
@@ -469,6 +526,8 @@ def main(argv=None):
         return wan_scale.bench_wan(args)
     if args.bench:
         return bench(args)
+    if args.switch_bench:
+        return switch_bench(args)
     # every check before any work
     model, ckpt = load_streamable(args.ckpt)
     device = pick_device(args.device)
@@ -527,7 +586,7 @@ def main(argv=None):
         while stream.frame < n_frames:
             if stream.frame in switches:
                 prompt = switches[stream.frame]
-                stream.set_prompt(text([prompt]).to(device))
+                stream.set_prompt(text([prompt]).to(device), recache=args.recache)
                 print(f"frame {stream.frame}: prompt -> {prompt!r}")
             while queue is not None and not queue.empty():  # interactive: new prompts typed so far
                 line = queue.get()
@@ -540,7 +599,7 @@ def main(argv=None):
                     print(f"\n  {err}")
                     continue
                 prompt = line
-                stream.set_prompt(text([prompt]).to(device))
+                stream.set_prompt(text([prompt]).to(device), recache=args.recache)
                 print(f"\nframe {stream.frame}: prompt -> {prompt!r}")
             if stream.frame >= n_frames:
                 break
@@ -571,6 +630,28 @@ def main(argv=None):
               f"{1000 * s['per_frame_s']:.2f} ms, {s['fps']:.0f} frames/s with the KV cache; "
               f"{s['fps_recompute']:.0f} frames/s recomputing the prefix: {s['cache_speedup']:.1f}x")
     return clip
+
+
+def switch_bench(args, seeds=(0, 1, 2)):
+    """--switch-bench: switch_report with and without the KV re-cache, mean +- sd over 3 seeds (streams, noise)."""
+    import statistics
+    model, ckpt = load_streamable(args.ckpt)
+    model = model.to(pick_device(args.device))
+    fpb = ckpt["config"].get("frames_per_block", 1)
+    n_steps = args.steps or ckpt["config"].get("num_steps", 4)
+    steps, first = warped_steps(n_steps, model.cfg.shift), None
+    if fpb == 1 and n_steps < 4:
+        first = warped_steps(4, model.cfg.shift)
+    window = default_window(fpb) if args.window is None else (args.window or None)
+    print(f"prompt switches, {args.ckpt} {n_steps}-step, window {window}, sink {args.sink}: the 72 ordered pairs of "
+          f"different prompts, 6 frames under A then 12 under B, scored on the 6 frames after the switch; "
+          f"mean +- sd over seeds {list(seeds)}")
+    keys = ("prompt_acc", "frames_to_new_prompt", "physics", "physics_around", "fd", "recache_s")
+    for recache in (False, True):
+        runs = [switch_report(model, steps, fpb, first, window, args.sink, recache, seed=s) for s in tqdm(seeds, leave=False)]
+        cell = lambda k: f"{statistics.mean(r[k] for r in runs):.3f} +- {statistics.stdev(r[k] for r in runs):.3f}"
+        print(f"{'KV re-cache' if recache else 'keep the cached K/V':20s} | " + ", ".join(f"{k} {cell(k)}" for k in keys[:-1])
+              + (f", re-cache latency at batch 1 {cell('recache_s')} s" if recache else ""))
 
 
 def bench(args):

@@ -388,7 +388,15 @@ def _analyse(clips):
     pair = valid[:, 1:] & valid[:, :-1]  # (B, F-1) displacements between two frames that both show a shape
     step = (centroid[:, 1:] - centroid[:, :-1]) * pair[..., None]  # (B, F-1, 2)
     return dict(x=x, dist=dist, valid=valid, area=area, counts=counts, iou=iou, colour=colour, shape=shape,
+                frame_colour=frame_colour, frame_shape=frame_shape,
                 centroid=centroid, pos=pos, sse=sse.view(B, 2).sum(1), n_pos=n_pos, step=step, pair=pair)
+
+
+def frames_matching(clips, prompts):
+    """(B, F) bool: each frame, read on its own, shows the prompt's colour and shape."""
+    a = _analyse(clips)
+    target = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(len(prompts), 2)
+    return (a["frame_colour"] == target[:, :1]) & (a["frame_shape"] == target[:, 1:])
 
 
 def measure_positions(clips, shapes=None):

@@ -293,3 +293,38 @@ def test_smoke_dmd_chunkwise(tmp_path, monkeypatch):
     assert clip.shape == (1, 9, 3, 16, 16)
     with pytest.raises(FileNotFoundError, match="python causal_cd.py --toy"):  # no frame-wise student here
         dmd.train(dmd_run(tmp_path, num_steps=4))
+
+
+# --- KV re-cache at a prompt switch (LongLive) ----------------------------------------------------------------
+
+def switched_stream(model, recache, window=None, same=False, n=8, at=4):
+    text = toy_data.TextEncoder()
+    a, b = text(["red circle"]), text(["red circle" if same else "blue triangle"])
+    s = S.Stream(model, [1000.0, 500.0], 1, None, window=window, max_frames=None if window else n,
+                 generator=torch.Generator().manual_seed(0))
+    s.set_prompt(a)
+    frames = [s.next_block() for _ in range(at)]
+    s.set_prompt(b if not same else b.clone(), recache=recache)
+    return torch.cat(frames + [s.next_block() for _ in range(n - at)], 1), s
+
+
+def test_recache_keeps_earlier_frames_and_changes_later_ones():
+    m = random_model()
+    keep, _ = switched_stream(m, recache=False)
+    re, _ = switched_stream(m, recache=True)
+    assert torch.equal(keep[:, :4], re[:, :4])  # frames before the switch: bit-identical
+    assert (keep[:, 4:] - re[:, 4:]).abs().max() > 1e-3  # after it the past is re-encoded under the new prompt
+
+
+def test_recache_under_the_same_prompt_is_a_no_op():
+    m = random_model()
+    keep, _ = switched_stream(m, recache=False, same=True)
+    re, s = switched_stream(m, recache=True, same=True)
+    assert s.recache_calls == 4 and (keep - re).abs().max() < 1e-5
+
+
+def test_recache_of_a_rolling_window_reencodes_only_what_it_holds():
+    m = random_model()
+    _, s = switched_stream(m, recache=True, window=3, n=9, at=6)
+    assert s.recache_calls == 3  # at the switch the ring holds frames 3, 4, 5 of the 6 generated
+    assert sorted(s.held) == s.cache.visible_frames() == [6, 7, 8]  # the frames kept are exactly the cache's
