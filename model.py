@@ -12,9 +12,9 @@ streaming sampler (`sample_stream.py`) only ever call `DiT.forward` in one of it
                                blocks + the block itself
 
 The architecture is Wan2.1's (arXiv 2503.20314), parameter for parameter: `DiT(PRESETS["wan2.1-1.3b"])` has
-exactly 1,418,996,800 parameters with Wan2.1's original state-dict names, so `load_wan_weights` reads the
-official `diffusion_pytorch_model.safetensors` with strict key and shape checks. The toy preset is the same
-code with small numbers. What differs from the official Wan / Self-Forcing / Causal-Forcing code:
+exactly 1,418,996,800 parameters with Wan2.1's original state-dict names, so `wan_scale.load_wan_weights`
+reads the official `diffusion_pytorch_model.safetensors` with strict key and shape checks. The toy preset is
+the same code with small numbers. What differs from the official Wan / Self-Forcing / Causal-Forcing code:
   * timesteps are per frame everywhere (t has shape (B, F)); the bidirectional model is the same code with all
     frames at one t, so one class serves teacher, student, critic;
   * all attention goes through `torch.nn.functional.scaled_dot_product_attention` (no flash-attn / flex
@@ -39,7 +39,6 @@ lean optimizer) lives in `wan_scale.py`; the toy never needs it. `python -m pyte
 """
 import math
 import os
-import json
 import argparse
 import contextlib
 import dataclasses
@@ -590,7 +589,7 @@ def count_parameters(model):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Wan2.1 weights
+# Errors a user can fix, and weights that do not fit (wan_scale.load_wan_weights reads Wan2.1's files)
 
 
 class ConfigError(ValueError):
@@ -613,79 +612,6 @@ def describe_mismatch(expected, found, what="checkpoint"):
             shown = "\n    ".join(items[:5]) + ("\n    ..." if len(items) > 5 else "")
             lines.append(f"  {len(items)} {name} key(s):\n    {shown}")
     return "\n".join(lines)
-
-
-def _safetensors_files(path):
-    """A .safetensors file, a sharded .index.json, or a folder holding either: the original repo
-    (Wan2.1-T2V-1.3B / -14B), or the -Diffusers repo (its transformer/ subfolder) or that subfolder itself."""
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "transformer")):  # the root of a -Diffusers download
-            return _safetensors_files(os.path.join(path, "transformer"))
-        for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"):
-            if os.path.exists(os.path.join(path, name)):
-                return _safetensors_files(os.path.join(path, name))
-        raise FileNotFoundError(f"{path} holds no diffusion_pytorch_model.safetensors(.index.json); download it with "
-                                f"`huggingface-cli download Wan-AI/Wan2.1-T2V-1.3B-Diffusers --local-dir {path}`")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"Wan weights not found: {path}")
-    if path.endswith(".json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(os.path.dirname(path), s) for s in shards]
-    return [path]
-
-
-# The diffusers format (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/) renames Wan2.1's parameters; the same
-# tensors, in the same shapes. (diffusers name prefix, Wan2.1 name prefix), outside the blocks and inside each block:
-DIFFUSERS_TOP = [("condition_embedder.text_embedder.linear_1.", "text_embedding.0."),
-                 ("condition_embedder.text_embedder.linear_2.", "text_embedding.2."),
-                 ("condition_embedder.time_embedder.linear_1.", "time_embedding.0."),
-                 ("condition_embedder.time_embedder.linear_2.", "time_embedding.2."),
-                 ("condition_embedder.time_proj.", "time_projection.1."),
-                 ("proj_out.", "head.head."), ("scale_shift_table", "head.modulation")]
-DIFFUSERS_BLOCK = [(f"{a}.{d}.", f"{o}.{w}.") for a, o in (("attn1", "self_attn"), ("attn2", "cross_attn"))
-                   for d, w in (("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "o"),
-                                ("norm_q", "norm_q"), ("norm_k", "norm_k"))] + [
-                  ("ffn.net.0.proj.", "ffn.0."), ("ffn.net.2.", "ffn.2."),
-                  ("norm2.", "norm3."),  # diffusers' norm2 is the cross-attention norm, Wan's norm3
-                  ("scale_shift_table", "modulation")]
-
-
-def wan_name(key):
-    """A diffusers-format parameter name -> Wan2.1's original name (original names pass through unchanged)."""
-    if key.startswith("blocks."):
-        _, i, rest = key.split(".", 2)
-        return next((f"blocks.{i}.{w}{rest[len(d):]}" for d, w in DIFFUSERS_BLOCK if rest.startswith(d)), key)
-    return next((w + key[len(d):] for d, w in DIFFUSERS_TOP if key.startswith(d)), key)
-
-
-def load_wan_weights(model, path):
-    """Load Wan2.1 DiT weights into `model`: the original format, or the -Diffusers repo's (renamed by `wan_name`,
-    detected from the names). Every key and shape is checked before anything is copied; tensors are copied one by
-    one, so peak memory stays ~one model. Raises WeightsMismatchError listing missing / unexpected / mis-shaped keys."""
-    from safetensors import safe_open
-    files = _safetensors_files(path)
-    shapes, where = {}, {}
-    for fname in files:
-        with safe_open(fname, framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-                where[key] = fname
-    diffusers = any(k.startswith("condition_embedder.") or ".attn1." in k for k in shapes)
-    name = wan_name if diffusers else (lambda k: k)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    report = describe_mismatch(expected, {name(k): v for k, v in shapes.items()}, what="file")
-    if report:
-        raise WeightsMismatchError(
-            f"{path} ({'diffusers' if diffusers else 'original'} format) does not match DiT({model.cfg}):\n{report}\n"
-            "Wan2.1-T2V-1.3B (original or -Diffusers) matches the 'wan2.1-1.3b' preset, -14B 'wan2.1-14b'.")
-    params = model.state_dict()
-    with torch.no_grad():
-        for fname in files:
-            with safe_open(fname, framework="pt") as f:
-                for key in f.keys():
-                    params[name(key)].copy_(f.get_tensor(key))
-    return model
 
 
 # -----------------------------------------------------------------------------------------------------------

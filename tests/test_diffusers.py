@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import model as M
+import wan_scale as WS
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import WanTransformer3DModel  # noqa: E402
@@ -104,12 +105,12 @@ def test_per_frame_timesteps_match_diffusers_per_token(pair):
 # --- the -Diffusers download: its transformer/ weights load with our loader ------------------------------------
 
 def test_diffusers_names_map_back_to_ours_exactly():
-    """diffusers' own converter takes our (original Wan2.1) names to diffusers'; model.wan_name takes them back:
+    """diffusers' own converter takes our (original Wan2.1) names to diffusers'; wan_scale.wan_name takes them back:
     every key, every tensor, exactly."""
     ours = random_dit(CFG)
     sd = ours.state_dict()
     converted = convert_wan_transformer_to_diffusers(dict(sd))
-    back = {M.wan_name(k): v for k, v in converted.items()}
+    back = {WS.wan_name(k): v for k, v in converted.items()}
     assert sorted(back) == sorted(sd)
     assert all(torch.equal(back[k], sd[k]) for k in sd)
 
@@ -120,7 +121,7 @@ def test_a_diffusers_save_pretrained_folder_loads_and_matches(pair, tmp_path):
     loads into our DiT by load_wan_weights, and the two forwards agree."""
     ours, theirs = pair
     theirs.save_pretrained(str(tmp_path / "transformer"), safe_serialization=True)
-    loaded = M.load_wan_weights(M.DiT(CFG).eval(), str(tmp_path))  # the repo root, as downloaded
+    loaded = WS.load_wan_weights(M.DiT(CFG).eval(), str(tmp_path))  # the repo root, as downloaded
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ours.state_dict().values()))
     x, ctx = inputs(2, 3, 6, 10, CFG, seed=5)
     t = torch.tensor([1000.0, 250.0])
@@ -135,4 +136,4 @@ def test_a_diffusers_folder_of_another_shape_is_refused_with_what_differs(pair, 
     bigger = M.ModelConfig(**{**CFG.__dict__, "ffn_dim": CFG.ffn_dim * 2})
     expected = r"(?s)diffusers format.*mis-shaped.*blocks.0.ffn.0.weight: model \(256, 64\) vs file \(128, 64\)"
     with pytest.raises(M.WeightsMismatchError, match=expected):
-        M.load_wan_weights(M.DiT(bigger), str(tmp_path / "transformer"))
+        WS.load_wan_weights(M.DiT(bigger), str(tmp_path / "transformer"))

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import model as M
+import wan_scale as WS
 
 
 def random_model(preset="toy", seed=0, **overrides):
@@ -291,7 +292,7 @@ def test_wan_safetensors_roundtrip_single_and_sharded(tmp_path):
     src = random_model("wan-tiny", seed=3)
     state = {k: v.contiguous() for k, v in src.state_dict().items()}
     save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
-    dst = M.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), str(tmp_path))  # a folder, like the HF download
+    dst = WS.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), str(tmp_path))  # a folder, like the HF download
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in state.items())
     # sharded (the 14B layout): two files + an index
     keys = sorted(state)
@@ -302,7 +303,7 @@ def test_wan_safetensors_roundtrip_single_and_sharded(tmp_path):
         save_file({k: state[k] for k in ks}, str(shard_dir / name))
     index = {"weight_map": {k: name for name, ks in halves.items() for k in ks}}
     (shard_dir / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
-    dst = M.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), str(shard_dir))
+    dst = WS.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), str(shard_dir))
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in state.items())
 
 
@@ -314,13 +315,13 @@ def test_wan_weights_mismatch_is_a_clear_error(tmp_path):
     path = str(tmp_path / "bad.safetensors")
     save_file(state, path)
     with pytest.raises(M.WeightsMismatchError) as err:
-        M.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), path)
+        WS.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), path)
     msg = str(err.value)
     assert "1 missing" in msg and "blocks.1.ffn.0.bias" in msg
     assert "1 unexpected" in msg and "extra.weight" in msg
     assert "1 mis-shaped" in msg and "blocks.0.self_attn.q.weight: model (64, 64) vs file (3, 3)" in msg
     with pytest.raises(FileNotFoundError, match="huggingface-cli download"):
-        M.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), str(tmp_path))
+        WS.load_wan_weights(M.DiT(M.PRESETS["wan-tiny"]), str(tmp_path))
 
 
 def test_unpatchify_order_is_pt_ph_pw_c_with_c_fastest():
