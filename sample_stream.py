@@ -498,8 +498,8 @@ def build_parser():
                    "column (H100 / H200 SXM: 989)")
     w.add_argument("--text", default="", help="Wan-shaped checkpoints: a safetensors file holding the prompt's umT5 "
                    "features `text` (L, 4096), e.g. a latent-folder clip; without it --prompt is encoded with umT5")
-    w.add_argument("--vae", default="", help="Wan VAE (a diffusers folder or repo) to decode latents / time "
-                   "decoding; --bench: 'random' times the VAE architecture with random weights")
+    w.add_argument("--vae", default="", help="the Wan2.1-Diffusers download (folder or hub name) whose VAE decodes "
+                   "the latents and whose umT5 encodes --prompt; --bench: 'random' times the VAE with random weights")
     p.add_argument("--device", default="auto")
     return p
 

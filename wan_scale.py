@@ -318,15 +318,16 @@ def read_video(path, frames=81, size=(480, 832)):
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
-def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), device="cpu"):
-    """videos/NAME.mp4 with its prompt in videos/NAME.txt -> out/NAME.safetensors (wan_scale.LatentFolder's format)."""
+def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), device="cpu", wan=WAN_DIFFUSERS):
+    """videos/NAME.mp4 with its prompt in videos/NAME.txt -> out/NAME.safetensors (wan_scale.LatentFolder's format),
+    with the umT5 encoder and the VAE of `wan` (the -Diffusers download's folder, or its hub name)."""
     names = sorted(os.path.splitext(f)[0] for f in os.listdir(videos) if f.endswith((".mp4", ".gif", ".webm", ".mov")))
     missing = [n for n in names if not os.path.exists(os.path.join(videos, n + ".txt"))]
     if not names or missing:
         raise ConfigError(f"{videos}: expected NAME.mp4 + NAME.txt (the prompt) pairs; "
                          + (f"no prompt file for {missing[:5]}" if names else "no videos found"))
     from tqdm import tqdm
-    text, vae = WanTextEncoder(device=device), WanVAE(device=device)
+    text, vae = WanTextEncoder(wan, device=device), WanVAE(wan, device=device)
     if negative:
         write_latent_clip(os.path.join(out, "negative.safetensors"), torch.zeros(1, 16, 1, 1), text([negative])[0])
     for name in tqdm(names, desc="encoding clips"):
@@ -754,7 +755,7 @@ def main_wan(args, model, ckpt, device):
         from safetensors.torch import load_file
         text = load_file(args.text)["text"].float()
     else:
-        text = WanTextEncoder(device=device)([args.prompt])[0]
+        text = WanTextEncoder(args.vae or WAN_DIFFUSERS, device=device)([args.prompt])[0]
     ctx = torch.zeros(1, model.cfg.text_len, model.cfg.text_dim)
     ctx[0, :len(text)] = text
     fpb = ckpt["config"].get("frames_per_block", 1)
@@ -793,5 +794,7 @@ if __name__ == "__main__":
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--size", default="480x832", help="HxW of the videos fed to the VAE")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--wan", default=WAN_DIFFUSERS, help="the Wan2.1-T2V-1.3B-Diffusers download (a folder with "
+                        "vae/, text_encoder/, tokenizer/) or its hub name")
     a = parser.parse_args()
-    run_main(make_latent_folder, a.videos, a.out, a.negative, a.frames, parse_hw(a.size), pick_device(a.device))
+    run_main(make_latent_folder, a.videos, a.out, a.negative, a.frames, parse_hw(a.size), pick_device(a.device), a.wan)
