@@ -141,7 +141,7 @@ PRESETS = {
     "wan2.1-1.3b": ModelConfig(),
     # Wan2.1-T2V-14B: 14,288,491,584 parameters.
     "wan2.1-14b": ModelConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40),
-    # The toy (toy_data.py): 16x16 RGB frames, patch 4 -> 16 tokens per frame, 2 text tokens of width 32.
+    # The toy world: 16x16 RGB frames, patch 4 -> 16 tokens per frame, 2 text tokens of width 32.
     # Head dim 32 -> RoPE splits it 12/10/10 (frame/height/width), as Wan splits 128 into 44/42/42.
     "toy": ModelConfig(dim=128, ffn_dim=512, num_heads=4, num_layers=6, in_dim=3, out_dim=3,
                        text_dim=32, text_len=2, patch=(1, 4, 4), shift=2.0),

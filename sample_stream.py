@@ -21,6 +21,7 @@ with and without the KV cache):
     python sample_stream.py --interactive                     # type a new prompt while frames keep coming
     python sample_stream.py --first-frame out/toy_first_frame.png                   # I2V (frame-wise models)
     python sample_stream.py --bench                           # the speed table and the long-stream drift check
+    python sample_stream.py --switch-bench --steps 2          # prompt switches with and without --recache
 """
 import os
 import time
