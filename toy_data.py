@@ -43,6 +43,10 @@ The exact evaluator, `evaluate(clips, prompts)`. Each key, then [what real clips
 Real clips' fd is sampling noise (0.37 for the 64 clips of `python toy_data.py`; it shrinks as n grows), so
 compare a model's fd against `real_metrics(n)` at the same n. Prompts are used only by prompt_acc.
 
+The world with actions (for the action-conditioned world model, Causal Forcing++ §3.3): `sample_action_clips`
+moves the shape each frame by a per-frame action (four diagonals or stay, walls clamp), held for a few frames and
+then changed; `action_report` measures whether generated clips follow their actions (accuracy, response delay).
+
 Run `python toy_data.py` to print the metrics of real clips beside corrupted ones (blurred, static, shuffled,
 wrong prompt, lumpy edges), time the sampler and the evaluator, and write out/toy_real.gif and
 out/toy_first_frame.png (an I2V input for sample_stream.py).
@@ -567,6 +571,94 @@ def real_metrics(n=64, seed=0, frames=FRAMES):
     """evaluate() of n fresh real clips: the numbers to print beside a model's (same n, same frames)."""
     clips, prompts = sample_clips(n, seed=seed, frames=frames)
     return evaluate(clips, prompts)
+
+
+# -----------------------------------------------------------------------------
+# the world with actions (Causal Forcing++ §3.3's action-conditioned world model, on the toy)
+#
+# Per frame an action a_i from ACTIONS moves the shape from frame i-1 to frame i by ACTION_STEPS[a_i] (frame 0's
+# action is ignored: frame 0 is where the shape starts). Walls *clamp*: a move into a wall stops at it, and the
+# next action is obeyed as given. (With bounce, a frame's step would depend on every earlier wall hit, so "did the
+# shape follow the key?" would have no per-frame answer; with clamp it is the action's step, cut at the wall.)
+# Training clips hold an action for a few frames and then change it with probability P_CHANGE per frame, so
+# both holding and turning are seen.
+
+ACTIONS = ("up-left", "up-right", "down-left", "down-right", "stay")
+ACTION_STEPS = torch.tensor([[-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0], [1.0, 1.0], [0.0, 0.0]])  # (x, y) px per frame
+P_CHANGE = 0.3  # probability per frame that a training clip's action changes (to a uniformly drawn other one)
+
+
+def parse_actions(spec, frames):
+    """Actions as indices (frames,) long from names or indices ("up-left,stay,..." or a list); errors name the set
+    and say when the script is shorter than the stream."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for a in items:
+        a = a.strip() if isinstance(a, str) else a
+        if isinstance(a, str) and a.isdigit():
+            a = int(a)
+        if a in ACTIONS:
+            a = ACTIONS.index(a)
+        if not isinstance(a, int) or not 0 <= a < len(ACTIONS):
+            raise ValueError(f"unknown action {a!r}; the actions are {', '.join(ACTIONS)} (or their indices 0-4)")
+        out.append(a)
+    if len(out) < frames:
+        raise ValueError(f"the action script has {len(out)} actions, fewer than the {frames} frames to generate")
+    return torch.tensor(out[:frames], dtype=torch.long)
+
+
+def sample_actions(n, frames=FRAMES, generator=None, p_change=P_CHANGE):
+    """(n, frames) long: a random first action, then each frame keeps the previous one or, with probability
+    p_change, switches to one of the others."""
+    a = torch.empty(n, frames, dtype=torch.long)
+    a[:, 0] = torch.randint(len(ACTIONS), (n,), generator=generator)
+    for i in range(1, frames):
+        change = torch.rand(n, generator=generator) < p_change
+        other = (a[:, i - 1] + torch.randint(1, len(ACTIONS), (n,), generator=generator)) % len(ACTIONS)
+        a[:, i] = torch.where(change, other, a[:, i - 1])
+    return a
+
+
+def action_positions(p0, actions, shape):
+    """Positions (n, F, 2) from starts p0 (n, 2) and actions (n, F): each frame's step clamped at the walls."""
+    lo = HALF_EXTENT[shape]
+    hi = SIZE - lo
+    pos = [p0]
+    for i in range(1, actions.shape[1]):
+        pos.append(torch.minimum(torch.maximum(pos[-1] + ACTION_STEPS[actions[:, i]], lo), hi))
+    return torch.stack(pos, 1)
+
+
+def sample_action_clips(n, seed=None, generator=None, frames=FRAMES, prompts=None, actions=None):
+    """n clips of the action world (n, F, 3, SIZE, SIZE), their prompts and actions (n, F) long (drawn as
+    sample_actions does unless given). Starts on the lattice, as in sample_clips. Deterministic given seed."""
+    if seed is not None:
+        generator = torch.Generator().manual_seed(seed)
+    traj = sample_trajectories(n, generator=generator, frames=1, prompts=prompts)  # prompt and start only
+    if actions is None:
+        actions = sample_actions(n, frames, generator)
+    pos = action_positions(traj["p0"], actions, traj["shape"])
+    return render(traj["shape"], traj["colour"], pos), traj["prompts"], actions
+
+
+def action_report(clips, prompts, actions, tol=0.5):
+    """Does the shape follow the actions? From the evaluator's measured positions (with the prompt's shape):
+    accuracy = fraction of steps (frame i-1 -> i, i >= 1, both frames showing a shape) whose measured step is
+    within `tol` px per axis of the action's step clamped at the walls from the measured frame i-1;
+    response = mean frames after an action change until the first step that follows the new action
+    (0 = at once; a change never followed counts the frames left). Real clips: accuracy 1, response 0."""
+    shapes = torch.tensor([parse_prompt(p)[1] for p in prompts], dtype=torch.long)
+    pos, valid = measure_positions(clips, shapes)  # (B, F, 2), (B, F)
+    lo, hi = HALF_EXTENT[shapes][:, None], SIZE - HALF_EXTENT[shapes][:, None]
+    want = torch.minimum(torch.maximum(pos[:, :-1] + ACTION_STEPS[actions[:, 1:]], lo), hi) - pos[:, :-1]
+    ok = ((pos[:, 1:] - pos[:, :-1] - want).abs() <= tol).all(-1)  # (B, F-1): step i-1 -> i follows a_i
+    both = valid[:, 1:] & valid[:, :-1]
+    delays = []
+    for b, i in (actions[:, 2:] != actions[:, 1:-1]).nonzero().tolist():  # a change at frame i + 2
+        follow = ok[b, i + 1:].nonzero()
+        delays.append(follow[0, 0].item() if len(follow) else ok.shape[1] - i - 1)
+    return dict(accuracy=(ok & both).sum().item() / max(1, both.sum().item()),
+                response=sum(delays) / len(delays) if delays else float("nan"), changes=len(delays))
 
 
 # -----------------------------------------------------------------------------

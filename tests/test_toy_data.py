@@ -361,3 +361,46 @@ def test_exact_score_reads_the_prompt_back_and_returns_the_exact_velocity():
     x0 = toy_data.exact_x0(x_t, torch.full((3,), 500.0), prompts)
     assert torch.allclose(x_t - 0.5 * v, x0, atol=1e-5)  # x0_hat = x_t - s v
     assert (x0 - clips).abs().max() < 1e-3  # at s = 0.5 the clip is decided, even unconditionally
+
+
+# --- the world with actions (Causal Forcing++ §3.3 on the toy) --------------------------------------------------
+
+def test_real_action_clips_follow_their_actions_and_shuffled_actions_do_not():
+    clips, prompts, actions = td.sample_action_clips(256, seed=0, frames=12)
+    real = td.action_report(clips, prompts, actions)
+    assert real["accuracy"] == 1.0 and real["response"] == 0.0 and real["changes"] > 500
+    wrong = td.action_report(clips, prompts, actions[torch.randperm(256, generator=torch.Generator().manual_seed(0))])
+    assert wrong["accuracy"] < 0.5 and wrong["response"] > 1
+    assert td.evaluate(clips[:, :td.FRAMES], prompts)["prompt_acc"] == 1.0  # the same shapes and colours
+
+
+def test_walls_clamp_and_the_next_action_is_obeyed():
+    shape = torch.tensor([1])  # square: walls at 3 and 13
+    up_left, down_right = td.ACTIONS.index("up-left"), td.ACTIONS.index("down-right")
+    pos = td.action_positions(torch.tensor([[4.0, 3.0]]), torch.tensor([[0, up_left, up_left, down_right]]), shape)
+    assert pos[0].tolist() == [[4.0, 3.0], [3.0, 3.0], [3.0, 3.0], [4.0, 4.0]]
+
+
+def test_a_one_frame_late_response_is_measured_as_one_frame():
+    a = [td.ACTIONS.index(n) for n in ("stay", "down-right", "down-right", "up-right", "up-right", "up-right")]
+    late = [a[0], td.ACTIONS.index("stay")] + a[1:-1]  # the shape does at frame i what was asked at frame i - 1
+    clips, prompts, _ = td.sample_action_clips(1, seed=0, prompts=["red square"], actions=torch.tensor([late]))
+    p0 = td.measure_positions(clips, torch.tensor([1]))[0][0, 0]
+    assert (p0 >= 5).all() and (p0 <= 11).all()  # far enough from the walls that no step is clamped
+    r = td.action_report(clips, prompts, torch.tensor([a]))
+    assert r["changes"] == 1 and r["response"] == 1.0 and r["accuracy"] == pytest.approx(3 / 5)
+
+
+def test_action_sequences_hold_and_change_at_the_set_rate_deterministically():
+    a = td.sample_actions(4000, 12, torch.Generator().manual_seed(0))
+    assert torch.equal(a, td.sample_actions(4000, 12, torch.Generator().manual_seed(0)))
+    assert abs((a[:, 1:] != a[:, :-1]).float().mean().item() - td.P_CHANGE) < 0.01
+    assert set(a.flatten().tolist()) == set(range(len(td.ACTIONS)))
+
+
+def test_action_scripts_are_checked():
+    assert td.parse_actions("up-left, stay,3", 3).tolist() == [0, 4, 3]
+    with pytest.raises(ValueError, match="unknown action 'left'; the actions are up-left, up-right"):
+        td.parse_actions("up-left,left", 2)
+    with pytest.raises(ValueError, match="2 actions, fewer than the 3 frames"):
+        td.parse_actions(["stay", "stay"], 3)
