@@ -134,6 +134,7 @@ class ModelConfig:
     patch: tuple = (1, 2, 2)  # (pt, ph, pw); pt must be 1 so every frame keeps its own timestep
     eps: float = 1e-6
     shift: float = 5.0  # timestep shift of this model's schedule (not architecture; saved so later stages agree)
+    num_actions: int = 0  # > 0: a world model, conditioned per frame on one of this many actions (the toy's 5)
 
 
 PRESETS = {
@@ -480,6 +481,9 @@ class DiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, D), nn.GELU(approximate="tanh"), nn.Linear(D, D))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(D, 6 * D))
+        # World model: a per-frame action embedding added to the frame's time embedding, so it reaches every
+        # block's adaLN modulation and the head (zero-initialised: until trained, the model ignores actions)
+        self.action_embedding = nn.Embedding(cfg.num_actions, D) if cfg.num_actions else None
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.head = Head(cfg)
         self.gradient_checkpointing = False  # recompute each block in backward (Wan scale)
@@ -497,15 +501,20 @@ class DiT(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
         nn.init.zeros_(self.head.head.weight)
+        if self.action_embedding is not None:
+            nn.init.zeros_(self.action_embedding.weight)
 
     def tokens_per_frame(self, H, W):
         return (H // self.cfg.patch[1]) * (W // self.cfg.patch[2])
 
-    def time_conditioning(self, t):
-        """t: (B, F) -> e (B, F, D) for the head and e0 (B, F, 6, D) for the blocks, in float32."""
+    def time_conditioning(self, t, actions=None):
+        """t: (B, F) [and actions (B, F) long] -> e (B, F, D) for the head and e0 (B, F, 6, D) for the blocks,
+        in float32."""
         with torch.autocast(t.device.type, enabled=False):
             emb = sinusoidal_embedding(t, self.cfg.freq_dim).to(self.time_embedding[0].weight.dtype)
             e = self.time_embedding(emb)  # (B, F, D)
+            if actions is not None:
+                e = e + self.action_embedding(actions).to(e.dtype)
             e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))  # (B, F, 6, D)
         return e.float(), e0.float()
 
@@ -521,11 +530,12 @@ class DiT(nn.Module):
         return rearrange(out, "b (f h w) (pt ph pw c) -> b (f pt) c (h ph) (w pw)",
                          f=n_frames, h=H // ph, w=W // pw, pt=pt, ph=ph, pw=pw)  # (B, F, C, H, W)
 
-    def forward(self, x, t, context, *, clean=None, frames_per_block=None, cache=None, start_frame=0):
+    def forward(self, x, t, context, *, clean=None, frames_per_block=None, cache=None, start_frame=0, actions=None):
         """Predict the velocity v for noisy frames x.
 
         x: (B, F, C, H, W) noisy frames at per-frame times t: (B, F) (a float or (B,) is broadcast);
-        context: (B, L, text_dim) text tokens. Returns v: (B, F, C, H, W), float32.
+        context: (B, L, text_dim) text tokens; actions: (B, F) long, a world model's action of each frame of x
+        (and of `clean`'s, the same frames). Returns v: (B, F, C, H, W), float32.
         The attention path follows from the arguments:
           cache=KVCache           path 3: x is one block starting at absolute frame `start_frame`;
                                   its K/V are written to the cache and it attends to the cached past + itself
@@ -542,14 +552,19 @@ class DiT(nn.Module):
         grid = (H // self.cfg.patch[1], W // self.cfg.patch[2])
         pos = torch.arange(start_frame, start_frame + nF)  # absolute frame positions for RoPE
         cos, sin = rope_cos_sin(self.cfg.dim // self.cfg.num_heads, pos, grid, x.device)  # (N, d/2)
-        e, e0 = self.time_conditioning(t)
+        if (actions is None) != (self.action_embedding is None):
+            raise ValueError("this model is a world model: pass actions=(B, F) long" if actions is None else
+                             "actions given to a model without action conditioning (ModelConfig.num_actions = 0)")
+        if actions is not None and tuple(actions.shape) != (B, nF):
+            raise ValueError(f"actions must be (B, F) = {(B, nF)}, got {tuple(actions.shape)}")
+        e, e0 = self.time_conditioning(t, actions)
         tokens = self.patchify(x)  # (B, N, D)
         blocks = None
 
         if clean is not None:  # path 2: [clean | noisy], same RoPE positions, clean half at t = 0
             if frames_per_block is None or nF % frames_per_block:
                 raise ValueError(f"teacher forcing needs frames_per_block dividing F={nF} (got {frames_per_block})")
-            _, e0_clean = self.time_conditioning(torch.zeros_like(t))
+            _, e0_clean = self.time_conditioning(torch.zeros_like(t), actions)  # frame i's clean copy: same a_i
             tokens = torch.cat([self.patchify(clean), tokens], dim=1)  # (B, 2N, D)
             e0 = torch.cat([e0_clean, e0], dim=1)  # (B, 2F, 6, D)
             cos, sin = cos.repeat(2, 1), sin.repeat(2, 1)  # (2N, d/2)

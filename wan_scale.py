@@ -92,7 +92,8 @@ def load_wan_weights(model, path):
                 where[key] = fname
     diffusers = any(k.startswith("condition_embedder.") or ".attn1." in k for k in shapes)
     name = wan_name if diffusers else (lambda k: k)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    new = [k for k in model.state_dict() if k.startswith("action_embedding.")]  # a world model's own weights
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in new}
     report = describe_mismatch(expected, {name(k): v for k, v in shapes.items()}, what="file")
     if report:
         raise WeightsMismatchError(
@@ -104,6 +105,8 @@ def load_wan_weights(model, path):
             with safe_open(fname, framework="pt") as f:
                 for key in f.keys():
                     params[name(key)].copy_(f.get_tensor(key))
+    if new:
+        print(f"{path}: every Wan2.1 weight loaded; new (not in Wan2.1, zero-initialised): {', '.join(new)}")
     return model
 
 

@@ -403,3 +403,62 @@ def test_parse_config_flags_and_unknown_flag():
     assert (c.steps, c.lr, c.ema, c.out_dir) == (3, 1e-3, False, "x")
     with pytest.raises(SystemExit):
         M.parse_config(Cfg, ["--stpes", "3"])
+
+
+# --- action conditioning (the world model) ------------------------------------------------------------------------
+
+def world_model_pair(seed=0):
+    """A toy DiT and the same weights with action conditioning added (its embedding zero, as initialised)."""
+    plain = random_model("toy", seed=seed)
+    world = M.DiT(M.ModelConfig(**{**plain.cfg.__dict__, "num_actions": 5})).eval()
+    missing = world.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing == ["action_embedding.weight"] and not world.action_embedding.weight.any()
+    return plain, world
+
+
+@torch.no_grad()
+def test_a_world_model_equals_the_plain_model_until_its_action_embedding_is_trained():
+    plain, world = world_model_pair()
+    g = torch.Generator().manual_seed(0)
+    x, clean = torch.randn(2, 6, 3, 16, 16, generator=g), torch.randn(2, 6, 3, 16, 16, generator=g)
+    ctx, t = torch.randn(2, 2, 32, generator=g), torch.rand(2, 6, generator=g) * 1000
+    a = torch.randint(5, (2, 6), generator=g)
+    for kw in ({}, dict(clean=clean, frames_per_block=1), dict(frames_per_block=2)):  # the three paths
+        assert torch.equal(plain(x, t, ctx, **kw), world(x, t, ctx, actions=a, **kw))
+
+
+@torch.no_grad()
+def test_actions_condition_their_own_frame_and_causal_paths_keep_them_causal():
+    _, world = world_model_pair()
+    world.action_embedding.weight.normal_(std=1.0)  # "trained"
+    g = torch.Generator().manual_seed(1)
+    x, clean = torch.randn(1, 6, 3, 16, 16, generator=g), torch.randn(1, 6, 3, 16, 16, generator=g)
+    ctx, t = torch.randn(1, 2, 32, generator=g), torch.full((1, 6), 500.0)
+    a = torch.zeros(1, 6, dtype=torch.long)
+    b = a.clone()
+    b[0, 3] = 2  # another action at frame 3 only
+    for kw in (dict(clean=clean, frames_per_block=1), dict(frames_per_block=1)):
+        va, vb = world(x, t, ctx, actions=a, **kw), world(x, t, ctx, actions=b, **kw)
+        assert torch.equal(va[:, :3], vb[:, :3]) and (va[:, 3:] - vb[:, 3:]).abs().amax((0, 2, 3, 4)).min() > 1e-4
+    va, vb = world(x, t, ctx, actions=a), world(x, t, ctx, actions=b)  # bidirectional: every frame hears it
+    assert (va[:, :3] - vb[:, :3]).abs().max() > 1e-4
+
+
+def test_actions_must_match_the_model():
+    plain, world = world_model_pair()
+    x, ctx, t = torch.zeros(1, 2, 3, 16, 16), torch.zeros(1, 2, 32), torch.zeros(1, 2)
+    with pytest.raises(ValueError, match="world model: pass actions"):
+        world(x, t, ctx)
+    with pytest.raises(ValueError, match="without action conditioning"):
+        plain(x, t, ctx, actions=torch.zeros(1, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"actions must be \(B, F\) = \(1, 2\), got \(1, 3\)"):
+        world(x, t, ctx, actions=torch.zeros(1, 3, dtype=torch.long))
+
+
+def test_wan_weights_load_into_a_world_model_with_its_action_weights_reported_new(tmp_path, capsys):
+    state = {k: v.contiguous() for k, v in random_model("wan-tiny", seed=3).state_dict().items()}
+    save_file(state, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    world = WS.load_wan_weights(M.DiT(M.ModelConfig(**{**M.PRESETS["wan-tiny"].__dict__, "num_actions": 5})),
+                                str(tmp_path))
+    assert all(torch.equal(world.state_dict()[k], v) for k, v in state.items())
+    assert "new (not in Wan2.1, zero-initialised): action_embedding.weight" in capsys.readouterr().out
