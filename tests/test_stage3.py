@@ -162,6 +162,8 @@ def test_prompt_switch_changes_only_later_frames(streamable):
     assert torch.equal(plain[:, :3], switched[:, :3])
     assert (plain[:, 3:] - switched[:, 3:]).flatten(2).abs().amax(-1).min() > 1e-3  # every later frame changed
     assert os.path.exists(tmp / "s.gif") and imageio.mimread(tmp / "s.gif").__len__() == 6
+    recached = cli(paths[1], tmp, "--steps", "2", "--switch", "3:green square", "--recache")  # the CLI's --recache
+    assert torch.equal(recached[:, :3], plain[:, :3]) and (recached[:, 3:] - switched[:, 3:]).abs().max() > 1e-3
 
 
 def test_first_frame_i2v_is_written_into_the_cache(streamable):
