@@ -71,9 +71,9 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     ar_weighting: str = "bell"  # ar: per-t loss weight, "bell" (official stage 1, ~0 at both ends) or "uniform"
     base_weighting: str = "uniform"  # base: per-t loss weight, "uniform" (plain flow matching) or "bell"
     eval_every: int = 2000  # a progress GIF (+ rough metrics of its 18 clips) every this many steps
-    ckpt_every: int = 250  # atomic checkpoint every this many steps (and at the end)
+    ckpt_every: int = 250  # atomic checkpoint every this many steps (X.partial.pt until the run ends, then X.pt)
     eval_clips: int = 72  # clips of the final evaluation (8 per prompt). More clips on a finished run:
-    # --resume --eval-clips 288 prints that evaluation without touching the checkpoint
+    # --eval-only --eval-clips 288 prints that evaluation without touching the checkpoint
     eval_steps: int = 48  # Euler steps of the evaluation sampler
     guidance: float = 3.0  # CFG weight w of the evaluation sampler (v = v_u + w (v_c - v_u))
     out_dir: str = "checkpoints"
