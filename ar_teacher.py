@@ -45,8 +45,8 @@ from tqdm import tqdm
 import toy_data
 from toy_data import metric_line
 from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, ema_update,
-                   load_checkpoint, loss_weight, model_from_checkpoint, parse_config, partial_path, pick_device,
-                   resume_checkpoint, run_main, save_checkpoint, save_run, timestep_grid, x0_from_v)
+                   load_checkpoint, loss_weight, model_from_checkpoint, parse_config, pick_device, run_main,
+                   save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory,
                        wan_base)
 from sample_stream import sample_ar, sample_bidirectional
@@ -61,7 +61,7 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     # frames; a 16x16 toy frame is destroyed at lower noise, so 5 would spend most steps on pure-noise inputs
     base_steps: int = 7000  # optimizer steps of --phase base
     ar_steps: int = 1000  # optimizer steps of --phase ar (it starts from the base, so it needs fewer)
-    batch_size: int = 8  # small batches learn more per CPU-second here than large ones (README)
+    batch_size: int = 8  # the toy's choice for a 2-core CPU (officially 64, on GPUs)
     lr: float = 1e-3  # peak learning rate (warmup, then cosine decay to lr/10)
     warmup: int = 100
     weight_decay: float = 0.0
@@ -282,8 +282,8 @@ def train(cfg):
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, history = 0, []
 
-    if cfg.resume:
-        src, ckpt = resume_checkpoint(path, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg))
+    src, ckpt = start_run(path, cfg.resume, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg))
+    if ckpt is not None:
         saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items()
                   if k not in ("resume", "ship", "eval_only", "eval_every", "ckpt_every", "eval_clips", "device", "dry_run",
@@ -298,8 +298,6 @@ def train(cfg):
         noise_gen.set_state(ckpt["noise_gen"])
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {src} at step {step}")
-    elif os.path.exists(path):
-        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
 
     print(f"{cfg.phase}: {count_parameters(model):,} parameters, {model.tokens_per_frame(*data.shape[1:])} "
           f"tokens/frame, {n_frames} frames, shift {mcfg.shift}, device {device}")

@@ -38,7 +38,7 @@ from tqdm import tqdm
 import ar_teacher
 import toy_data
 from model import (add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
-                   partial_path, pick_device, resume_checkpoint, run_main, save_run, timestep_grid, x0_from_v)
+                   pick_device, run_main, save_run, start_run, timestep_grid, x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import cfg_velocity, toy_few_step_report
 
@@ -110,14 +110,12 @@ def train(cfg):
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], checkpoint_path(cfg)
-    if cfg.resume:
-        src, ckpt = resume_checkpoint(path, "causal_cd", "python causal_cd.py")
+    src, ckpt = start_run(path, cfg.resume, "causal_cd", "python causal_cd.py")
+    if ckpt is not None:
         student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["data_gen"])
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {src} at step {step}")
-    elif os.path.exists(path):
-        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
     print(cfg)
     grid = timestep_grid(48, teacher.cfg.shift)
 

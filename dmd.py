@@ -33,7 +33,7 @@ a second line: how often the next frame misses the motion given the real past an
 (their gap is exposure bias, what self rollout should shrink) and the mean foreground area per frame (a CFG push
 grows the shapes). At the official step sizes on causal CD 2-step, |g| stays within 0.71-0.89 and the critic
 loss within 0.07-0.42 (single batches, noisy) over 100 updates, with no trend; a critic loss that climbs
-steadily, or |g| that grows, would suggest the critic has lost track of the generator. README, Stage 3, says
+steadily, or |g| that grows, would suggest the critic has lost track of the generator. docs/RESULTS.md, Stage 3, says
 what DMD does on the toy, measured.
 
 Differences from the official code (thu-ml/Causal-Forcing, guandeh17/Self-Forcing): the real score is the
@@ -66,8 +66,7 @@ import causal_cd
 import ode_init
 import toy_data
 from model import (ConfigError, add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
-                   partial_path, pick_device, resume_checkpoint, run_main, save_run, shift_sigma, warped_steps,
-                   x0_from_v)
+                   pick_device, run_main, save_run, shift_sigma, start_run, warped_steps, x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import (cfg_velocity, exposure_line, sample_stream, stream_speed, toy_exposure_report,
                            toy_few_step_samples)
@@ -82,7 +81,7 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     init: str = "causal_cd"  # causal_cd | causal_ode | bidirectional_ode | ar_teacher
     num_steps: int = 4  # denoising steps per block: 1, 2 or 4
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the init checkpoint must match)
-    gen_updates: int = 100  # generator updates; the critic gets critic_ratio times as many (README: the sweep)
+    gen_updates: int = 100  # generator updates; the critic gets critic_ratio times as many (docs/RESULTS.md: the sweep)
     critic_ratio: int = 5  # critic updates per generator update (official dfake_gen_update_ratio)
     critic_warmup: int = 0  # critic-only updates before the first generator update (not in the official code)
     batch_size: int = 16
@@ -211,8 +210,8 @@ def train(cfg):
     path = checkpoint_path(cfg)
     it, log = 0, []  # it counts critic updates; a generator update happens when it % critic_ratio == 0
 
-    if cfg.resume:
-        src, ckpt = resume_checkpoint(path, "dmd", make_command(cfg))
+    src, ckpt = start_run(path, cfg.resume, "dmd", make_command(cfg))
+    if ckpt is not None:
         keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "table_seeds",
                 "dry_run",
                 "out_dir")
@@ -228,8 +227,6 @@ def train(cfg):
         gen.set_state(ckpt["rng"])
         it, log = ckpt["iteration"], ckpt["log"]
         print(f"resumed {src} at generator update {it // cfg.critic_ratio}")
-    elif os.path.exists(path):
-        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
     print(f"dmd: init {cfg.init} ({init_ckpt['stage']}), {cfg.num_steps}-step list {[round(s, 1) for s in steps]}"
           + (f", block 0 on {[round(s, 1) for s in first_steps]}" if first_steps else "") + f", device {device}")
     print(cfg)

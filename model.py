@@ -672,17 +672,17 @@ def field_help(cls):
     for klass in reversed(cls.__mro__[:-1]):
         if not dataclasses.is_dataclass(klass):
             continue
-        name = None
+        name = None  # the field whose comment a comment-only line continues
         for line in inspect.getsource(klass).splitlines():
-            code, _, comment = line.strip().partition("#")
-            if code and ":" in code and not code.startswith(("class ", '"""', "def ")):
+            code, _, comment = (part.strip() for part in line.partition("#"))
+            if code and ":" in code and not code.startswith(("class ", '"""', "def ")):  # a field
                 name = code.split(":")[0].strip()
-                if comment.strip():
-                    helps[name] = comment.strip()
+                if comment:
+                    helps[name] = comment
             elif not code and comment and name in helps:
-                helps[name] += " " + comment.strip()
-            else:
-                name = None if code else name
+                helps[name] += " " + comment
+            elif code:
+                name = None
     return helps
 
 
@@ -696,7 +696,7 @@ def parse_config(cls, argv=None, description=None):
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = helps.get(f.name, " ").replace("%", "%%")
+        help_text = helps.get(f.name, " ").replace("%", "%%")  # " ": argparse shows defaults only beside a help
         if isinstance(default, bool):
             parser.add_argument(flag, default=default, action=argparse.BooleanOptionalAction, help=help_text)
         else:
@@ -726,11 +726,6 @@ def partial_path(path):
     return path[:-3] + ".partial.pt" if path.endswith(".pt") else path + ".partial"
 
 
-def resume_from(path):
-    """--resume: the unfinished run's partial checkpoint if there is one, else the finished one (or None)."""
-    return next((p for p in (partial_path(path), path) if os.path.exists(p)), None)
-
-
 def save_run(path, finished, **payload):
     """A training run's checkpoint. Until the run finishes it goes to X.partial.pt, so rerunning a stage never
     replaces a finished X.pt with a partial one; the finished run writes X.pt and removes X.partial.pt."""
@@ -739,10 +734,15 @@ def save_run(path, finished, **payload):
         os.remove(partial_path(path))
 
 
-def resume_checkpoint(path, stage, make_cmd):
-    """--resume: the checkpoint to continue (the partial one, else the finished one); nothing to resume, or a
-    shipped file without optimizer state, is an error that says what to do instead."""
-    src = resume_from(path)
+def start_run(path, resume, stage, make_cmd):
+    """Where a training run starts. With --resume: (the file it continues, its checkpoint), the partial one before
+    the finished one; nothing to resume, or a shipped file without optimizer state, is an error that says what to
+    do instead. Without: (None, None), and a finished X.pt already there stays until the new run finishes."""
+    if not resume:
+        if os.path.exists(path):
+            print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
+        return None, None
+    src = next((p for p in (partial_path(path), path) if os.path.exists(p)), None)
     if src is None:
         raise ConfigError(f"--resume: nothing to resume ({path} and {partial_path(path)} do not exist); "
                           f"drop --resume to start a fresh run: {make_cmd}")

@@ -52,8 +52,7 @@ from tqdm import tqdm
 import toy_data
 from ar_teacher import load_base, load_teacher
 from model import (ConfigError, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
-                   partial_path, pick_device, resume_checkpoint, run_main, save_checkpoint, save_run, warped_steps,
-                   x0_from_v)
+                   pick_device, run_main, save_checkpoint, save_run, start_run, warped_steps, x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
@@ -236,14 +235,12 @@ def train(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], student_path(cfg)
     name = os.path.basename(path)[:-3]  # causal_ode, bidirectional_ode, bidirectional_ode_noisy_prefix, ...
-    if cfg.resume:
-        src, ckpt = resume_checkpoint(path, stage_name(cfg.teacher), make_command(cfg))
+    src, ckpt = start_run(path, cfg.resume, stage_name(cfg.teacher), make_command(cfg))
+    if ckpt is not None:
         student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         gen.set_state(ckpt["gen"])
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {src} at step {step}")
-    elif os.path.exists(path):
-        print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
     print(cfg)
     ctx_all = pairs["text"]
 

@@ -92,6 +92,11 @@ def parse_prompt(prompt):
     return i // len(SHAPES), i % len(SHAPES)
 
 
+def prompt_indices(prompts):
+    """Prompts -> (B, 2) long: each one's (colour, shape) indices."""
+    return torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(len(prompts), 2)
+
+
 class TextEncoder:
     """The toy's stand-in for umT5: a fixed lookup of one embedding per word, never trained.
 
@@ -148,7 +153,7 @@ def sample_trajectories(n, seed=None, generator=None, frames=FRAMES, prompts=Non
         prompts = [PROMPTS[i] for i in idx.tolist()]
     elif len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for n={n} clips")
-    colour, shape = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(n, 2).unbind(1)
+    colour, shape = prompt_indices(prompts).unbind(1)
     lo = HALF_EXTENT[shape]  # (n, 2): the walls keep the whole bounding box inside the frame
     hi = SIZE - lo
     steps = torch.floor(hi - lo + 1e-6) + 1  # (n, 2) lattice positions between the walls
@@ -399,7 +404,7 @@ def _analyse(clips):
 def frames_matching(clips, prompts):
     """(B, F) bool: each frame, read on its own, shows the prompt's colour and shape."""
     a = _analyse(clips)
-    target = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(len(prompts), 2)
+    target = prompt_indices(prompts)
     return (a["frame_colour"] == target[:, :1]) & (a["frame_shape"] == target[:, 1:])
 
 
@@ -473,7 +478,7 @@ def evaluate(clips, prompts, reference=None):
         raise ValueError(f"got {len(prompts)} prompts for {len(clips)} clips")
     ref = default_reference(clips.shape[1]) if reference is None else reference
     a = _analyse(clips)
-    target = torch.tensor([parse_prompt(p) for p in prompts], dtype=torch.long).reshape(len(prompts), 2)
+    target = prompt_indices(prompts)
     correct = (a["colour"] == target[:, 0]) & (a["shape"] == target[:, 1])
     z = (_features(a) - ref["loc"]) / ref["scale"]  # (B, 13)
     motion = _motion(a)
@@ -500,7 +505,7 @@ def own_step_report(clips, prompts, tol=0.5):
     (`next_block_report`), the gap between the two is the exposure bias that DMD's self rollout targets.
     Returns dict(off: fraction of coordinates off by >= tol px, a frame of the three without a shape counting as
     off; per_frame: that fraction for frames 2..F-1). Real clips score 0 (a test)."""
-    shapes = torch.tensor([parse_prompt(p)[1] for p in prompts], dtype=torch.long)
+    shapes = prompt_indices(prompts)[:, 1]
     pos, valid = measure_positions(clips, shapes)  # (B, F, 2), (B, F)
     lo = HALF_EXTENT[shapes][:, None]  # (B, 1, 2)
     hi = SIZE - lo
@@ -600,7 +605,8 @@ def parse_actions(spec, frames):
         if a in ACTIONS:
             a = ACTIONS.index(a)
         if not isinstance(a, int) or not 0 <= a < len(ACTIONS):
-            raise ValueError(f"unknown action {a!r}; the actions are {', '.join(ACTIONS)} (or their indices 0-4)")
+            raise ValueError(f"unknown action {a!r}; the actions are {', '.join(ACTIONS)} "
+                             f"(or their indices 0-{len(ACTIONS) - 1})")
         out.append(a)
     if len(out) < frames:
         raise ValueError(f"the action script has {len(out)} actions, fewer than the {frames} frames to generate")
@@ -625,7 +631,7 @@ def action_positions(p0, actions, shape):
     hi = SIZE - lo
     pos = [p0]
     for i in range(1, actions.shape[1]):
-        pos.append(torch.minimum(torch.maximum(pos[-1] + ACTION_STEPS[actions[:, i]], lo), hi))
+        pos.append(torch.clamp(pos[-1] + ACTION_STEPS[actions[:, i]], lo, hi))
     return torch.stack(pos, 1)
 
 
@@ -647,10 +653,10 @@ def action_report(clips, prompts, actions, tol=0.5):
     within `tol` px per axis of the action's step clamped at the walls from the measured frame i-1;
     response = mean frames after an action change until the first step that follows the new action
     (0 = at once; a change never followed counts the frames left). Real clips: accuracy 1, response 0."""
-    shapes = torch.tensor([parse_prompt(p)[1] for p in prompts], dtype=torch.long)
+    shapes = prompt_indices(prompts)[:, 1]
     pos, valid = measure_positions(clips, shapes)  # (B, F, 2), (B, F)
     lo, hi = HALF_EXTENT[shapes][:, None], SIZE - HALF_EXTENT[shapes][:, None]
-    want = torch.minimum(torch.maximum(pos[:, :-1] + ACTION_STEPS[actions[:, 1:]], lo), hi) - pos[:, :-1]
+    want = torch.clamp(pos[:, :-1] + ACTION_STEPS[actions[:, 1:]], lo, hi) - pos[:, :-1]
     ok = ((pos[:, 1:] - pos[:, :-1] - want).abs() <= tol).all(-1)  # (B, F-1): step i-1 -> i follows a_i
     both = valid[:, 1:] & valid[:, :-1]
     delays = []
@@ -664,6 +670,11 @@ def action_report(clips, prompts, actions, tol=0.5):
 # -----------------------------------------------------------------------------
 # videos
 
+def grid_columns(B, ncols=None):
+    """Columns of a grid of B clips: ncols, or about a square, never more than B."""
+    return min(ncols or math.ceil(math.sqrt(B)), B)
+
+
 def to_uint8_grid(clips, ncols=None, scale=8):
     """Clips (B, F, 3, H, W) in [-1, 1] -> frames (F, H', W', 3) uint8 of a grid of clips, each upscaled
     by nearest neighbour, with 2 px grey lines between them."""
@@ -671,7 +682,7 @@ def to_uint8_grid(clips, ncols=None, scale=8):
     if x.ndim != 5 or x.shape[2] != 3:
         raise ValueError(f"expected clips (B, F, 3, H, W), got {tuple(x.shape)}")
     B, F, _, H, W = x.shape
-    ncols = min(ncols or math.ceil(math.sqrt(B)), B)
+    ncols = grid_columns(B, ncols)
     nrows = math.ceil(B / ncols)
     x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     x = x.repeat_interleave(scale, -2).repeat_interleave(scale, -1).permute(0, 1, 3, 4, 2)  # (B, F, sH, sW, 3)
@@ -684,8 +695,8 @@ def to_uint8_grid(clips, ncols=None, scale=8):
 
 
 def text_strip(items, width, lines=1):
-    """A white strip (12 lines + 4 px high, `width` px wide) of uint8 RGB with each (x_center_px, text) of
-    `items` drawn in black by matplotlib (Agg, off-screen): the labels of a GIF."""
+    """A white strip of uint8 RGB, `width` px wide and 12 px per line of text (+ 4) high, with each
+    (x_center_px, text) of `items` drawn in black by matplotlib (Agg, off-screen): the labels of a GIF."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     height = 12 * lines + 4
@@ -730,8 +741,7 @@ def save_video(path, clips, ncols=None, fps=8, scale=8, labels=None, title=None)
     frames = to_uint8_grid(clips, ncols, scale)  # (F, H', W', 3)
     if labels is not None or title is not None:
         B, _, _, H, W = clips.shape
-        frames = label_grid(frames, B, min(ncols or math.ceil(math.sqrt(B)), B), (H * scale, W * scale),
-                            labels, title)
+        frames = label_grid(frames, B, grid_columns(B, ncols), (H * scale, W * scale), labels, title)
     if path.suffix == ".gif":
         imageio.mimsave(path, list(frames), duration=1000 / fps, loop=0)  # pillow: duration in ms per frame
     elif path.suffix == ".mp4":

@@ -116,7 +116,7 @@ MUTANTS = [
            "self.held = {f: x for f, x in self.held.items() if f in kept}", "self.held = dict(self.held)",
            ["tests/test_stage3.py"]),
     Mutant("action_report_ignores_walls", "toy_data.py",
-           "want = torch.minimum(torch.maximum(pos[:, :-1] + ACTION_STEPS[actions[:, 1:]], lo), hi) - pos[:, :-1]",
+           "want = torch.clamp(pos[:, :-1] + ACTION_STEPS[actions[:, 1:]], lo, hi) - pos[:, :-1]",
            "want = ACTION_STEPS[actions[:, 1:]]", ["tests/test_toy_data.py"]),
     Mutant("action_embedding_not_zero_init", "model.py", "            nn.init.zeros_(self.action_embedding.weight)",
            "            pass", ["tests/test_model.py"]),
