@@ -47,8 +47,8 @@ from toy_data import metric_line
 from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, ema_update,
                    load_checkpoint, loss_weight, model_from_checkpoint, parse_config, pick_device, run_main,
                    save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
-from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory,
-                       wan_base)
+from wan_scale import (ScaleOptions, WORLD_DIR, check_actions, dry_run, limit_memory, make_optimizer, open_data,
+                       prepare, report_memory, run_flags, wan_base)
 from sample_stream import sample_ar, sample_bidirectional
 
 
@@ -106,28 +106,32 @@ def make_command(cfg):
         cmd += f" --frames-per-block {cfg.frames_per_block}"
     if cfg.phase == "ar" and cfg.diffusion_forcing:
         cmd += " --diffusion-forcing"
-    return cmd + (f" --out-dir {cfg.out_dir}" if cfg.out_dir != "checkpoints" else "")
+    return cmd + run_flags(cfg)
 
 
 def find_teacher(cfg):
     """The teacher checkpoint a later stage should read: the run's own, else (for the default out_dir) the one
-    shipped in pretrained/, else None."""
+    shipped in pretrained/ (pretrained/world/ for the world model), else None."""
     path = checkpoint_path(cfg)
-    shipped = os.path.join(SHIPPED_DIR, os.path.basename(path))
+    shipped = os.path.join(SHIPPED_DIR, "world" if cfg.actions else "", os.path.basename(path))
     if os.path.exists(path):
         return path
-    if cfg.out_dir == Config.out_dir and os.path.exists(shipped):
+    if cfg.out_dir == (WORLD_DIR if cfg.actions else Config.out_dir) and os.path.exists(shipped):
         return shipped
     return None
 
 
-def load_teacher(out_dir="checkpoints", phase="ar", frames_per_block=1, diffusion_forcing=False, device="cpu"):
-    """Load a finished teacher (its EMA weights) for a later stage; a missing one names the command that makes it."""
-    cfg = Config(phase=phase, frames_per_block=frames_per_block, diffusion_forcing=diffusion_forcing, out_dir=out_dir)
+def load_teacher(out_dir="checkpoints", phase="ar", frames_per_block=1, diffusion_forcing=False, device="cpu",
+                 actions=False):
+    """Load a finished teacher (its EMA weights) for a later stage; a missing one names the command that makes it,
+    a world model without `actions` (or the reverse) says so."""
+    cfg = Config(phase=phase, frames_per_block=frames_per_block, diffusion_forcing=diffusion_forcing, out_dir=out_dir,
+                 actions=actions)
     path = find_teacher(cfg) or checkpoint_path(cfg)
     if path.startswith(SHIPPED_DIR):
         print(f"using the shipped teacher {path} (regenerate it with: {make_command(cfg)} --ship)")
     ckpt = load_checkpoint(path, stage="base" if phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
+    check_actions(actions, ModelConfig(**ckpt["model_config"]))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
 
 
@@ -140,14 +144,14 @@ def load_base(cfg, device="cpu"):
     if cfg.data != "toy":
         raise ConfigError(f"--data {cfg.data}: at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights "
                          f"<folder with diffusion_pytorch_model.safetensors>")
-    return load_teacher(cfg.out_dir, phase="base", device=device)
+    return load_teacher(cfg.out_dir, phase="base", device=device, actions=cfg.actions)
 
 def ship(path):
     """Write the fp16 EMA weights of a finished checkpoint, with its configs and metrics, to pretrained/."""
     ckpt = load_checkpoint(path)
     ema = {k: v.half() for k, v in ckpt["ema"].items()}
     keep = {k: ckpt[k] for k in ("stage", "model_config", "config", "step", "metrics", "minutes") if k in ckpt}
-    dest = os.path.join(SHIPPED_DIR, os.path.basename(path))
+    dest = os.path.join(SHIPPED_DIR, "world" if ckpt["model_config"].get("num_actions") else "", os.path.basename(path))
     save_checkpoint(dest, **keep, ema=ema, model=ema)  # one copy on disk: torch.save stores shared tensors once
     print(f"shipped {dest} ({os.path.getsize(dest) / 2 ** 20:.1f} MiB)")
 
@@ -187,17 +191,20 @@ def eval_prompts(n):
 
 @torch.no_grad()
 def generate(model, cfg, n, seed, text):
-    """n clips from fixed noise (same seed -> same clips), sampled the way the stage's model is meant to be."""
+    """n clips from fixed noise (same seed -> same clips), sampled the way the stage's model is meant to be; a world
+    model under the scripted random actions of toy_data.eval_actions. Returns (clips, prompts, actions or None)."""
     g = torch.Generator().manual_seed(seed)
     dev = next(model.parameters()).device
     prompts = eval_prompts(n)
     noise = torch.randn(n, toy_data.FRAMES, 3, toy_data.SIZE, toy_data.SIZE, generator=g).to(dev)
     ctx, ctx_null = text(prompts).to(dev), text([""] * n).to(dev)
+    actions = toy_data.eval_actions(n) if cfg.actions else None
+    a = None if actions is None else actions.to(dev)
     if cfg.phase == "base":
-        clips = sample_bidirectional(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance)
+        clips = sample_bidirectional(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance, actions=a)
     else:
-        clips = sample_ar(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance, cfg.frames_per_block)
-    return clips.cpu(), prompts
+        clips = sample_ar(model, noise, ctx, ctx_null, cfg.eval_steps, cfg.guidance, cfg.frames_per_block, actions=a)
+    return clips.cpu(), prompts, actions
 
 
 @torch.no_grad()
@@ -266,12 +273,13 @@ def train(cfg):
             raise ConfigError("stage 0 is skipped at Wan scale: the base is Wan2.1 itself. Train the AR teacher from it:"
                              "\n    python ar_teacher.py --phase ar --model wan2.1-1.3b --init-weights <Wan2.1 folder> "
                              "--data <latent folder>")
-        mcfg = ModelConfig(**{**asdict(PRESETS[cfg.model]), "shift": cfg.shift})
+        mcfg = ModelConfig(**{**asdict(PRESETS[cfg.model]), "shift": cfg.shift,
+                              "num_actions": len(toy_data.ACTIONS) if cfg.actions else 0})
         model = DiT(mcfg)
     else:
         model, _ = load_base(cfg)
         mcfg = model.cfg
-    data = open_data(cfg.data, mcfg, cfg.clip_frames)
+    data = open_data(cfg.data, mcfg, cfg.clip_frames, cfg.actions)
     n_frames = data.shape[0]
     if n_frames % cfg.frames_per_block:
         raise ConfigError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
@@ -330,7 +338,7 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * frac
 
-        x0, ctx, null, _ = data.batch(cfg.batch_size, generator=data_gen)
+        x0, ctx, null, _, actions = data.batch(cfg.batch_size, generator=data_gen)
         drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.prompt_dropout
         ctx = torch.where(drop[:, None, None], null, ctx).to(device)  # dropped prompts -> the unconditional text
         t = sample_t(grid, cfg.batch_size, n_blocks, fpb, data_gen, device)  # (B, F)
@@ -342,6 +350,8 @@ def train(cfg):
             path_kw = dict(frames_per_block=fpb)  # noisy prefix, block-causal: what the model sees is not what it gets
         else:
             path_kw = dict(clean=x0, frames_per_block=fpb)  # ground-truth clean context at t = 0
+        if actions is not None:  # the world model: frame i (and its clean copy) hears its action a_i
+            path_kw["actions"] = actions.to(device)
         with autocast(device, model):
             loss = flow_matching_loss(model, x0, ctx, t, eps, mcfg.shift, (cfg.ar_weighting if cfg.phase == "ar" else cfg.base_weighting) == "bell",
                                       **path_kw)
@@ -356,8 +366,8 @@ def train(cfg):
         pbar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
 
         if data.is_toy and step % cfg.eval_every == 0 and step < steps:  # progress: a GIF of the EMA model
-            clips, eval_p = generate(ema, cfg, 18, seed=1234, text=data.text)  # 18 clips: rough metrics, cheap
-            tqdm.write(f"step {step} (18 clips): {metric_line(toy_data.evaluate(clips, eval_p))}  -> {write_gif(clips)}")
+            clips, eval_p, acts = generate(ema, cfg, 18, seed=1234, text=data.text)  # 18 clips: rough metrics, cheap
+            tqdm.write(f"step {step} (18 clips): {metric_line(toy_data.evaluate(clips, eval_p, actions=acts))}  -> {write_gif(clips)}")
         if step % cfg.ckpt_every == 0 or step == steps:
             save()
     pbar.close()
@@ -389,14 +399,16 @@ def report(ema, cfg, name, text, minutes):
     accuracy with its 95% interval (about +-0.07 at 72 clips and 0.9, +-0.035 at 288); the x0 error per noise level
     beside the exact denoiser's; for an AR teacher the next block given the real past and on its own past.
     Returns (metrics, clips)."""
-    clips, eval_p = generate(ema, cfg, cfg.eval_clips, seed=1234, text=text)
-    metrics = toy_data.evaluate(clips, eval_p)
-    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
+    clips, eval_p, actions = generate(ema, cfg, cfg.eval_clips, seed=1234, text=text)
+    metrics = toy_data.evaluate(clips, eval_p, actions=actions)
+    real = toy_data.real_metrics(cfg.eval_clips, seed=0, actions=cfg.actions)
     acc, n, pad = metrics["prompt_acc"], cfg.eval_clips, " " * len(name)
     print(f"{name} | {cfg.eval_steps}-step CFG {cfg.guidance} | {metric_line(metrics)} | {minutes:.1f} min")
     print(f"{'real clips':>{len(name)}} | {metric_line(real)}")
     lo, hi = toy_data.accuracy_interval(acc, n)
     print(f"{pad} | prompt accuracy {acc:.3f} over {n} clips, 95% interval {lo:.3f}-{hi:.3f} (Wilson)")
+    if cfg.actions:  # the exact denoiser and the next-frame test know the plain toy's law only
+        return metrics, clips
     print(f"{pad} | x0 MSE per noise level s, model/exact denoiser: {gap_line(denoiser_gap(ema, cfg, text, 2 * n))}")
     if cfg.phase == "ar":
         nf = next_frame_report(ema, cfg, n, text)
@@ -416,6 +428,7 @@ def evaluate_only(cfg):
         raise FileNotFoundError(f"{checkpoint_path(cfg)} not found (nor a shipped one); make it with: "
                                 f"{make_command(cfg)}")
     ckpt = load_checkpoint(teacher, stage="base" if cfg.phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
+    check_actions(cfg.actions, ModelConfig(**ckpt["model_config"]))
     model = model_from_checkpoint(ckpt, key="ema", device=pick_device(cfg.device)).eval().float()
     print(f"evaluating {teacher} (step {ckpt['step']})")
     return report(model, cfg, os.path.basename(teacher), toy_data.TextEncoder(), ckpt.get("minutes", 0.0))[0]

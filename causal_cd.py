@@ -37,9 +37,10 @@ from tqdm import tqdm
 
 import ar_teacher
 import toy_data
-from model import (add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint, parse_config,
-                   pick_device, run_main, save_run, start_run, timestep_grid, x0_from_v)
-from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
+from model import (ModelConfig, add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint,
+                   parse_config, pick_device, run_main, save_run, start_run, timestep_grid, x0_from_v)
+from wan_scale import (ScaleOptions, check_actions, dry_run, limit_memory, make_optimizer, open_data, prepare,
+                       report_memory, run_flags)
 from sample_stream import cfg_velocity, toy_few_step_report
 
 
@@ -66,15 +67,16 @@ def checkpoint_path(cfg):
     return os.path.join(cfg.out_dir, f"causal_cd{suffix}.pt")
 
 
-def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per_block, generator):
-    """One causal consistency-distillation loss on a batch of ground-truth clips x0 (B, F, C, H, W)."""
+def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per_block, generator, actions=None):
+    """One causal consistency-distillation loss on a batch of ground-truth clips x0 (B, F, C, H, W) [and a world
+    model's actions (B, F): every network hears frame i's action with frame i]."""
     B, nF = x0.shape[:2]
     n = int(torch.randint(0, len(grid) - 1, (1,), generator=generator))  # U{0..46}: adjacent pair (n, n+1)
     t, t_next = float(grid[n]), float(grid[n + 1])
     tt, tt_next = torch.full((B, nF), t, device=x0.device), torch.full((B, nF), t_next, device=x0.device)
     eps = torch.randn(x0.shape, generator=generator).to(x0.device)
     x_t = add_noise(x0, eps, t)  # x_t = (1 - s) x0 + s eps
-    tf = dict(clean=x0, frames_per_block=frames_per_block)  # every network sees the ground-truth past
+    tf = dict(clean=x0, frames_per_block=frames_per_block, actions=actions)  # every network: the ground-truth past
     with torch.no_grad():
         v = cfg_velocity(teacher, x_t, tt, ctx, ctx_null, guidance, **tf)  # v_u + w (v_c - v_u)
         x_next = euler_step(x_t, v, t, t_next)  # x_t' = x_t - (s - s') v
@@ -85,8 +87,8 @@ def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per
 
 def ensure_teachers(cfg):
     """--toy: build the checkpoints this stage needs, in order, if they are missing (saying so)."""
-    base = ar_teacher.Config(phase="base", out_dir=cfg.out_dir)
-    ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir)
+    base = ar_teacher.Config(phase="base", out_dir=cfg.out_dir, actions=cfg.actions)
+    ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, actions=cfg.actions)
     for tcfg in (base, ar):
         if ar_teacher.find_teacher(tcfg) is None:  # neither trained here nor shipped in pretrained/
             print(f"{ar_teacher.checkpoint_path(tcfg)} is missing: training it now ({ar_teacher.make_command(tcfg)})")
@@ -102,15 +104,16 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.toy:
         ensure_teachers(cfg)
-    teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device)
-    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames)
+    teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
+                                                    actions=cfg.actions)
+    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames, cfg.actions)
     teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
     student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)  # the target network
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], checkpoint_path(cfg)
-    src, ckpt = start_run(path, cfg.resume, "causal_cd", "python causal_cd.py")
+    src, ckpt = start_run(path, cfg.resume, "causal_cd", "python causal_cd.py" + run_flags(cfg))
     if ckpt is not None:
         student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
         data_gen.set_state(ckpt["data_gen"])
@@ -129,11 +132,11 @@ def train(cfg):
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        x0, ctx, null, _ = data.batch(cfg.batch_size, generator=data_gen)
+        x0, ctx, null, _, actions = data.batch(cfg.batch_size, generator=data_gen)
         ctx, null = ctx.to(device), null.to(device)
         with autocast(device, student):
             loss = cd_loss(student, ema, teacher, x0.to(device), ctx, null, grid, cfg.guidance,
-                           cfg.frames_per_block, data_gen)
+                           cfg.frames_per_block, data_gen, None if actions is None else actions.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -155,7 +158,7 @@ def train(cfg):
         return {}
 
     metrics = toy_few_step_report(ema, "causal_cd", cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
-    real = toy_data.real_metrics(cfg.eval_clips, seed=0)
+    real = toy_data.real_metrics(cfg.eval_clips, seed=0, actions=cfg.actions)
     print(f"real clips        | {toy_data.metric_line(real)}")
     print(f"causal_cd: CD {cd_minutes:.1f} min, 0 bytes of trajectories stored; total {(time.time() - t_start) / 60:.1f} "
           f"min -> {path}")
@@ -163,9 +166,10 @@ def train(cfg):
     return metrics
 
 
-def load_student(out_dir="checkpoints", frames_per_block=1, device="cpu"):
-    cfg = Config(frames_per_block=frames_per_block, out_dir=out_dir)
-    ckpt = load_checkpoint(checkpoint_path(cfg), stage="causal_cd", make_cmd="python causal_cd.py --toy")
+def load_student(out_dir="checkpoints", frames_per_block=1, device="cpu", actions=False):
+    cfg = Config(frames_per_block=frames_per_block, out_dir=out_dir, actions=actions)
+    ckpt = load_checkpoint(checkpoint_path(cfg), stage="causal_cd", make_cmd="python causal_cd.py --toy" + run_flags(cfg))
+    check_actions(actions, ModelConfig(**ckpt["model_config"]))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
 
 

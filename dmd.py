@@ -67,7 +67,8 @@ import ode_init
 import toy_data
 from model import (ConfigError, add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
                    pick_device, run_main, save_run, shift_sigma, start_run, warped_steps, x0_from_v)
-from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
+from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory,
+                       run_flags)
 from sample_stream import (cfg_velocity, exposure_line, sample_stream, stream_speed, toy_exposure_report,
                            toy_few_step_samples)
 
@@ -114,19 +115,19 @@ def checkpoint_path(cfg):
 def make_command(cfg):
     cmd = f"python dmd.py --init {cfg.init} --num-steps {cfg.num_steps}"
     return cmd + (f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "") + (
-        f" --seed {cfg.seed}" if cfg.seed else "")
+        f" --seed {cfg.seed}" if cfg.seed else "") + run_flags(cfg)
 
 
-def load_init(init, out_dir, frames_per_block, device):
+def load_init(init, out_dir, frames_per_block, device, actions=False):
     """The generator's starting point: a stage-2 student (its EMA weights) or the AR teacher."""
     if init == "causal_cd":
-        return causal_cd.load_student(out_dir, frames_per_block, device)
+        return causal_cd.load_student(out_dir, frames_per_block, device, actions=actions)
     if init == "causal_ode":
-        return ode_init.load_student(out_dir, "ar", frames_per_block, device)
+        return ode_init.load_student(out_dir, "ar", frames_per_block, device, actions=actions)
     if init == "bidirectional_ode":
-        return ode_init.load_student(out_dir, "bidirectional", frames_per_block, device)
+        return ode_init.load_student(out_dir, "bidirectional", frames_per_block, device, actions=actions)
     if init == "ar_teacher":
-        return ar_teacher.load_teacher(out_dir, "ar", frames_per_block, device=device)
+        return ar_teacher.load_teacher(out_dir, "ar", frames_per_block, device=device, actions=actions)
     raise ConfigError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
 
 
@@ -140,13 +141,14 @@ def step_lists(num_steps, frames_per_block, shift):
 # The three pieces: rollout, DMD loss, critic loss
 
 
-def rollout(generator, noise, ctx, steps, first_steps, frames_per_block, gen):
+def rollout(generator, noise, ctx, steps, first_steps, frames_per_block, gen, actions=None):
     """Self-rollout with one random exit step index shared by all blocks (and one for block 0's own list).
-    Gradient flows only through the exit steps (sample_stream runs everything else without grad)."""
+    Gradient flows only through the exit steps (sample_stream runs everything else without grad). A world model
+    takes each block's actions as it generates it."""
     exit_step = int(torch.randint(0, len(steps), (1,), generator=gen))
     exit_first = int(torch.randint(0, len(first_steps), (1,), generator=gen)) if first_steps else None
     return sample_stream(generator, noise, ctx, steps, frames_per_block, first_steps, generator=gen,
-                         exit_step=exit_step, exit_step_first=exit_first)
+                         exit_step=exit_step, exit_step_first=exit_first, actions=actions)
 
 
 def sample_dmd_t(batch, shift, min_t, max_t, gen):
@@ -155,22 +157,23 @@ def sample_dmd_t(batch, shift, min_t, max_t, gen):
     return (1000 * shift_sigma(u, shift)).clamp(min_t, max_t).float()
 
 
-def dmd_loss(x, real, critic, ctx, ctx_null, guidance, t, eps):
-    """Generator loss of DMD on a rollout x (B, F, C, H, W) that carries gradient. Returns (loss, mean |g|)."""
+def dmd_loss(x, real, critic, ctx, ctx_null, guidance, t, eps, actions=None):
+    """Generator loss of DMD on a rollout x (B, F, C, H, W) that carries gradient. Returns (loss, mean |g|).
+    A world model's rollout is scored under its actions by both scores (CFG is on the text only)."""
     with torch.no_grad():
         x_t = add_noise(x.detach(), eps, t)
-        x0_fake = x0_from_v(x_t, critic(x_t, t, ctx), t)  # fake score, conditional only
-        x0_real = x0_from_v(x_t, cfg_velocity(real, x_t, t, ctx, ctx_null, guidance), t)  # real score with CFG
+        x0_fake = x0_from_v(x_t, critic(x_t, t, ctx, actions=actions), t)  # fake score, conditional only
+        x0_real = x0_from_v(x_t, cfg_velocity(real, x_t, t, ctx, ctx_null, guidance, actions=actions), t)  # real, CFG
         norm = (x.detach() - x0_real).abs().mean(dim=(1, 2, 3, 4), keepdim=True)  # per-clip (DMD eq. 8)
         g = torch.nan_to_num((x0_fake - x0_real) / norm)
     loss = 0.5 * (x.double() - (x.detach() - g).double()).pow(2).mean()  # d loss / dx = g / numel
     return loss, g.abs().mean().item()
 
 
-def critic_loss(critic, x, ctx, t, eps):
+def critic_loss(critic, x, ctx, t, eps, actions=None):
     """Flow matching of the critic on generator samples x (no grad): it learns the generator's score."""
     x_t = add_noise(x, eps, t)
-    return (critic(x_t, t, ctx) - (eps - x)).pow(2).mean()
+    return (critic(x_t, t, ctx, actions=actions) - (eps - x)).pow(2).mean()
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -186,11 +189,11 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     if cfg.num_steps not in (1, 2, 4):
         raise ConfigError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
-    if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and cfg.data != "toy"):
-        raise ConfigError(f"--real-score must be 'base' or, on the toy only (its data law is known), 'exact' "
-                         f"(got {cfg.real_score!r} with --data {cfg.data})")
-    generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device)
-    data = open_data(cfg.data, generator.cfg, cfg.clip_frames)
+    if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
+        raise ConfigError(f"--real-score must be 'base' or, on the plain toy only (its data law is known), 'exact' "
+                         f"(got {cfg.real_score!r} with --data {cfg.data}{' --actions' if cfg.actions else ''})")
+    generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device, cfg.actions)
+    data = open_data(cfg.data, generator.cfg, cfg.clip_frames, cfg.actions)
     n_frames, H, W = data.shape
     if n_frames % cfg.frames_per_block:
         raise ConfigError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
@@ -231,10 +234,10 @@ def train(cfg):
           + (f", block 0 on {[round(s, 1) for s in first_steps]}" if first_steps else "") + f", device {device}")
     print(cfg)
 
-    def batch():  # prompts only: the clips DMD trains on are the generator's own rollouts
-        ctx, null, _ = data.texts(cfg.batch_size, generator=gen)
+    def batch():  # prompts (and actions) only: the clips DMD trains on are the generator's own rollouts
+        ctx, null, _, actions = data.texts(cfg.batch_size, generator=gen)
         noise = torch.randn(cfg.batch_size, n_frames, data.channels, H, W, generator=gen)
-        return ctx.to(device), null.to(device), noise.to(device)
+        return ctx.to(device), null.to(device), noise.to(device), None if actions is None else actions.to(device)
 
     def dmd_t_eps(like):
         t = sample_dmd_t(like.shape[0], shift, cfg.min_t, cfg.max_t, gen).to(device)
@@ -250,22 +253,23 @@ def train(cfg):
         if not data.is_toy:  # Wan scale: no toy evaluator; the log keeps the losses
             return {}, None
         model = (ema or generator).eval()
-        clips, prompts = toy_few_step_samples(model, cfg.eval_clips, cfg.num_steps, cfg.frames_per_block,
-                                              first_block_4step=first_steps is not None)
-        m = toy_data.evaluate(clips, prompts)
-        m.update(toy_exposure_report(model, clips, prompts, steps, cfg.frames_per_block, n=cfg.eval_clips))
+        clips, prompts, actions = toy_few_step_samples(model, cfg.eval_clips, cfg.num_steps, cfg.frames_per_block,
+                                                       first_block_4step=first_steps is not None)
+        m = toy_data.evaluate(clips, prompts, actions=actions)  # a world model: + action accuracy and response
+        tqdm.write(f"{tag} | {toy_data.metric_line(m)}")
+        if not cfg.actions:  # the exposure report asks about the plain toy's law (constant velocity)
+            m.update(toy_exposure_report(model, clips, prompts, steps, cfg.frames_per_block, n=cfg.eval_clips))
+            tqdm.write(f"{'':{len(tag)}} | {exposure_line(m)}")
         model.train()
-        tqdm.write(f"{tag} | {toy_data.metric_line({k: m[k] for k in METRICS})}")
-        tqdm.write(f"{'':{len(tag)}} | {exposure_line(m)}")
         return m, clips
 
     def critic_update():
-        ctx, _, noise = batch()
+        ctx, _, noise, actions = batch()
         with torch.no_grad(), autocast(device, generator):
-            x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
+            x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen, actions)
         t, eps = dmd_t_eps(x)
         with autocast(device, critic):
-            loss_c = critic_loss(critic, x, ctx, t, eps)
+            loss_c = critic_loss(critic, x, ctx, t, eps, actions)
         opt_c.zero_grad(set_to_none=True)
         loss_c.backward()
         torch.nn.utils.clip_grad_norm_(critic.parameters(), 10.0)
@@ -284,11 +288,11 @@ def train(cfg):
     stats = {}
     while it < total:
         if it % cfg.critic_ratio == 0:  # ---- generator update: rollout with grad at the exit steps, DMD loss
-            ctx, null, noise = batch()
+            ctx, null, noise, actions = batch()
             with autocast(device, generator):
-                x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen)
+                x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen, actions)
                 t, eps = dmd_t_eps(x)
-                loss_g, g_abs = dmd_loss(x, real, critic, ctx, null, cfg.real_guidance, t, eps)
+                loss_g, g_abs = dmd_loss(x, real, critic, ctx, null, cfg.real_guidance, t, eps, actions)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             torch.nn.utils.clip_grad_norm_(generator.parameters(), 10.0)  # official clip 10
@@ -323,14 +327,15 @@ def train(cfg):
     if not data.is_toy:
         print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}")
         return {}, minutes
-    clips, prompts = toy_few_step_samples((ema or generator).eval(), 18, cfg.num_steps, cfg.frames_per_block,
-                                          first_block_4step=first_steps is not None)
+    clips, prompts, _ = toy_few_step_samples((ema or generator).eval(), 18, cfg.num_steps, cfg.frames_per_block,
+                                             first_block_4step=first_steps is not None)
     gif = os.path.join(cfg.out_dir, "samples", os.path.basename(path).replace(".pt", ".gif"))
     os.makedirs(os.path.dirname(gif), exist_ok=True)
     toy_data.save_video(gif, clips, ncols=9, labels=prompts,
                         title=f"DMD from {cfg.init}, {cfg.num_steps}-step"
                               f"{' (block 0: 4-step)' if first_steps else ''}, {cfg.gen_updates} generator updates")
-    metrics = {k: log[-1][k] for k in (*METRICS, "next_off", "own_off", "gap", "area")}
+    metrics = {k: log[-1][k] for k in ((*METRICS, "action_acc", "response") if cfg.actions else
+                                       (*METRICS, "next_off", "own_off", "gap", "area"))}
     print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}, samples {gif}")
     return metrics, minutes
 
@@ -366,6 +371,8 @@ def table(cfg):
     2-step rows (Causal Forcing++'s headline) run `table_seeds` DMD seeds each and print mean +- sd over them; the
     other rows are one seed (cfg.seed). A seed changes DMD's own randomness (prompts, rollout noise, exit steps,
     DMD timesteps), not the stage-2 init or the evaluation noise."""
+    if cfg.actions:
+        raise ConfigError("--table is the plain toy's Table 2; run the world model's stages one by one (README)")
     t0 = time.time()
     ensure_stage2(cfg)
     device = pick_device(cfg.device)
@@ -375,7 +382,7 @@ def table(cfg):
     how = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "table_seeds", "out_dir")}
     settings = how(asdict(cfg))  # how the runs train (not where they are kept: a table folder may move)
     done = json.load(open(done_path)) if cfg.resume and os.path.exists(done_path) else {}
-    done = {k: v for k, v in done.items() if how(v["settings"]) == settings}
+    done = {k: v for k, v in done.items() if how({**asdict(Config()), **v["settings"]}) == settings}  # new: default
     rows = []
     for init in INITS:
         for n in (1, 2, 4):

@@ -51,9 +51,10 @@ from tqdm import tqdm
 
 import toy_data
 from ar_teacher import load_base, load_teacher
-from model import (ConfigError, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
-                   pick_device, run_main, save_checkpoint, save_run, start_run, warped_steps, x0_from_v)
-from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory)
+from model import (ConfigError, ModelConfig, autocast, ema_update, load_checkpoint, model_from_checkpoint,
+                   parse_config, pick_device, run_main, save_checkpoint, save_run, start_run, warped_steps, x0_from_v)
+from wan_scale import (ScaleOptions, check_actions, dry_run, limit_memory, make_optimizer, open_data, prepare,
+                       report_memory, run_flags)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
 
@@ -104,8 +105,7 @@ def pairs_path(cfg):
 def make_command(cfg):
     return f"python ode_init.py --teacher {cfg.teacher}" + (
         f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "") + (
-        " --noisy-prefix" if cfg.teacher == "bidirectional" and cfg.noisy_prefix else "") + (
-        f" --out-dir {cfg.out_dir}" if cfg.out_dir != "checkpoints" else "")
+        " --noisy-prefix" if cfg.teacher == "bidirectional" and cfg.noisy_prefix else "") + run_flags(cfg)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -113,24 +113,26 @@ def make_command(cfg):
 
 
 @torch.no_grad()
-def causal_ode_trajectory(teacher, x0_gt, eps, ctx, ctx_null, guidance, frames_per_block):
+def causal_ode_trajectory(teacher, x0_gt, eps, ctx, ctx_null, guidance, frames_per_block, actions=None):
     """The AR teacher's 48-step Euler PF-ODE with CFG and the ground-truth clip as clean context, all frames in
     parallel through the teacher-forcing path (equal to running block by block with the true blocks written to
-    the KV cache at t = 0). Returns the states at the 48-grid points in STORED: (B, 5, F, C, H, W)."""
+    the KV cache at t = 0), under the clip's actions for a world model. Returns the states at the 48-grid points
+    in STORED: (B, 5, F, C, H, W)."""
     grid = ode_grid(teacher, 48)
     x, states = eps, [eps]
     for t, t_next in zip(grid[:-1], grid[1:]):
         tt = torch.full(x.shape[:2], t, device=x.device)
-        v = cfg_velocity(teacher, x, tt, ctx, ctx_null, guidance, clean=x0_gt, frames_per_block=frames_per_block)
+        v = cfg_velocity(teacher, x, tt, ctx, ctx_null, guidance, clean=x0_gt, frames_per_block=frames_per_block,
+                         actions=actions)
         x = x - (t - t_next) / 1000 * v  # Euler: x_t' = x_t - (s - s') v
         states.append(x)
     return torch.stack([states[i] for i in STORED], dim=1)
 
 
 @torch.no_grad()
-def bidirectional_ode_trajectory(teacher, eps, ctx, ctx_null, guidance):
+def bidirectional_ode_trajectory(teacher, eps, ctx, ctx_null, guidance, actions=None):
     """The bidirectional teacher's 48-step Euler PF-ODE with CFG on whole clips: (B, 5, F, C, H, W)."""
-    _, traj = sample_bidirectional(teacher, eps, ctx, ctx_null, 48, guidance, return_trajectory=True)
+    _, traj = sample_bidirectional(teacher, eps, ctx, ctx_null, 48, guidance, return_trajectory=True, actions=actions)
     return traj[STORED].transpose(0, 1)
 
 
@@ -157,23 +159,25 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
         pairs["loaded"] = True  # made by an earlier run: this run's time does not include them
         if "text" not in pairs:  # a toy pair file written before pairs stored their text features
             pairs["text"], pairs["null"] = toy_data.TextEncoder()(pairs["prompts"]), None
+        pairs.setdefault("actions", None)  # written before the world model
         return pairs
-    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames)
+    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames, cfg.actions)
     g = torch.Generator().manual_seed(cfg.seed + 100)
-    x0_all, text_all, null_all, prompts = data.batch(cfg.num_pairs, generator=g)
+    x0_all, text_all, null_all, prompts, actions_all = data.batch(cfg.num_pairs, generator=g)
     eps_all = torch.randn(x0_all.shape, generator=g)
     states, t0, bs = [], time.time(), 64 if data.is_toy else 1
     for i in tqdm(range(0, cfg.num_pairs, bs), desc=f"ODE pairs ({cfg.teacher} teacher)"):
         ctx, null = text_all[i:i + bs].to(device), null_all[i:i + bs].to(device)
         eps, x0 = eps_all[i:i + bs].to(device), x0_all[i:i + bs].to(device)
+        a = None if actions_all is None else actions_all[i:i + bs].to(device)
         with autocast(device, teacher):
             if cfg.teacher == "ar":
-                s = causal_ode_trajectory(teacher, x0, eps, ctx, null, cfg.guidance, cfg.frames_per_block)
+                s = causal_ode_trajectory(teacher, x0, eps, ctx, null, cfg.guidance, cfg.frames_per_block, a)
             else:
-                s = bidirectional_ode_trajectory(teacher, eps, ctx, null, cfg.guidance)
+                s = bidirectional_ode_trajectory(teacher, eps, ctx, null, cfg.guidance, a)
         states.append(s.float().cpu())
     pairs = dict(x0=x0_all, states=torch.cat(states), text=text_all, null=null_all, prompts=prompts, meta=meta,
-                 seconds=time.time() - t0)
+                 actions=actions_all, seconds=time.time() - t0)
     pairs["bytes"] = pairs["states"].numel() * 4 + (x0_all.numel() * 4 if cfg.teacher == "ar" else 0)
     save_checkpoint(path, **pairs)
     print(f"{cfg.num_pairs} ODE pairs: {pairs['bytes'] / 2 ** 20:.1f} MiB stored, {pairs['seconds']:.0f} s -> {path}")
@@ -184,7 +188,8 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
 # The student
 
 
-def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shift, generator, noisy_prefix=False):
+def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shift, generator, noisy_prefix=False,
+                        actions=None):
     """MSE between the student's x0 prediction at a stored trajectory point and the ODE endpoint.
     ar:            one k ~ U{0..3} for all frames; input states[k] at t_k with the ground-truth clean context
                    (Causal Forcing trainer/ode.py, uniform_timestep).
@@ -205,6 +210,8 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
     t = t_list[k].to(x_in.device)  # (B, F)
     path = dict(clean=x0_gt, frames_per_block=frames_per_block) if teacher_kind == "ar" else \
         dict(frames_per_block=frames_per_block)
+    if actions is not None:  # the world model: every frame under its pair's action
+        path["actions"] = actions
     x0_hat = x0_from_v(x_in, student(x_in, t, ctx, **path), t)
     mask = t != 0  # (B, F): a clean block is context, not a target (its x0_hat is its input)
     if not mask.any():  # every block of the batch drawn clean: nothing to regress (the official code gives NaN)
@@ -221,7 +228,8 @@ def train(cfg):
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     if cfg.teacher == "ar":
-        teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device)
+        teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
+                                             actions=cfg.actions)
     else:  # the bidirectional base: the toy's, or Wan2.1 with --init-weights
         teacher, teacher_ckpt = load_base(cfg, device=device)
     teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
@@ -259,7 +267,8 @@ def train(cfg):
         batch = (pairs["states"][idx].to(device), pairs["x0"][idx].to(device))
         with autocast(device, student):
             loss = ode_regression_loss(student, batch, ctx_all[idx].to(device), cfg.teacher, cfg.frames_per_block,
-                                       student.cfg.shift, gen, noisy_prefix=cfg.noisy_prefix)
+                                       student.cfg.shift, gen, noisy_prefix=cfg.noisy_prefix,
+                                       actions=None if pairs["actions"] is None else pairs["actions"][idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -288,9 +297,11 @@ def train(cfg):
     return metrics
 
 
-def load_student(out_dir, teacher, frames_per_block=1, device="cpu", noisy_prefix=False):
-    cfg = Config(teacher=teacher, frames_per_block=frames_per_block, out_dir=out_dir, noisy_prefix=noisy_prefix)
+def load_student(out_dir, teacher, frames_per_block=1, device="cpu", noisy_prefix=False, actions=False):
+    cfg = Config(teacher=teacher, frames_per_block=frames_per_block, out_dir=out_dir, noisy_prefix=noisy_prefix,
+                 actions=actions)
     ckpt = load_checkpoint(student_path(cfg), stage=stage_name(teacher), make_cmd=make_command(cfg))
+    check_actions(actions, ModelConfig(**ckpt["model_config"]))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
 
 
@@ -523,7 +534,7 @@ def per_frame_report(cfg, n=72):
             continue
         student, _ = load_student(cfg.out_dir, teacher, cfg.frames_per_block, noisy_prefix=noisy)
         for n_steps in (1, 4):
-            clips, _ = toy_few_step_samples(student, n, n_steps, cfg.frames_per_block)
+            clips = toy_few_step_samples(student, n, n_steps, cfg.frames_per_block)[0]
             print(f"{name + f' {n_steps}-step':32s} | 2nd moment {fmt(clips.pow(2).mean((0, 2, 3, 4)))} "
                   f"blur {fmt(toy_data.blur_per_frame(clips).mean(0))}")
 

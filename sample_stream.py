@@ -52,14 +52,17 @@ def cfg_velocity(model, x, t, ctx, ctx_null, guidance, **kw):
 
 
 @torch.no_grad()
-def sample_bidirectional(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, return_trajectory=False):
+def sample_bidirectional(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, return_trajectory=False,
+                         actions=None):
     """Euler PF-ODE on whole clips, every frame at the same t (path 1).
-    noise: (B, F, C, H, W) at t = 1000; ctx / ctx_null: (B, L, text_dim).
+    noise: (B, F, C, H, W) at t = 1000; ctx / ctx_null: (B, L, text_dim); actions: a world model's (B, F) long
+    (both CFG branches keep them: guidance is on the text only).
     Returns x0 (B, F, C, H, W), and with return_trajectory the states at every grid point, (num_steps+1, B, F, C, H, W)."""
     grid = ode_grid(model, num_steps)
     x, traj = noise, [noise]
     for t, t_next in zip(grid[:-1], grid[1:]):
-        v = cfg_velocity(model, x, torch.full(x.shape[:2], t, device=x.device), ctx, ctx_null, guidance)
+        v = cfg_velocity(model, x, torch.full(x.shape[:2], t, device=x.device), ctx, ctx_null, guidance,
+                         actions=actions)
         x = euler_step(x, v, t, t_next)  # x_t' = x_t - (s - s') v
         traj.append(x)
     return (x, torch.stack(traj)) if return_trajectory else x
@@ -67,13 +70,14 @@ def sample_bidirectional(model, noise, ctx, ctx_null=None, num_steps=48, guidanc
 
 @torch.no_grad()
 def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, frames_per_block=1,
-              return_trajectory=False, prefix=None):
+              return_trajectory=False, prefix=None, actions=None):
     """The AR teacher's sampler (Causal Forcing stage 1): for each block, an N-step Euler PF-ODE with CFG whose
     queries attend to the cached clean past (path 3); then the finished block is run once more at t = 0 to
     overwrite its cache slot with clean K/V. Frame i depends only on the noise of frames <= i's block.
     prefix: optional clean frames (B, P, C, H, W), P a whole number of blocks, written to the cache first (the
     same t = 0 write as a refresh), so the noise continues a given clip from frame P: video extension, and
     teacher forcing's own test (ar_teacher.next_frame_report).
+    actions: a world model's (B, P + F) long, the prefix's frames first; block i reads only its own.
     Returns the new frames x0 (B, F, C, H, W) [and the trajectory (num_steps+1, B, F, C, H, W), all blocks on the
     same grid]."""
     B, nF = noise.shape[:2]
@@ -85,10 +89,15 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
     use_cfg = ctx_null is not None and guidance != 1.0
     cache = KVCache(max_frames=n_prefix + nF)
     ctx_all = torch.cat([ctx, ctx_null]) if use_cfg else ctx  # one tensor, so its cross-attn K/V are cached once
+    two = (lambda a: torch.cat([a, a])) if use_cfg else (lambda a: a)  # [cond | uncond] rows
+
+    def acts(start):  # the actions of the block at `start`, for both CFG branches (None: not a world model)
+        return None if actions is None else two(actions[:, start:start + frames_per_block])
 
     def refresh(x, start):  # clean K/V of a finished (or given) block into its cache slot
-        x_ref = torch.cat([x, x]) if use_cfg else x
-        model(x_ref, torch.zeros(x_ref.shape[:2], device=x.device), ctx_all, cache=cache, start_frame=start)
+        x_ref = two(x)
+        model(x_ref, torch.zeros(x_ref.shape[:2], device=x.device), ctx_all, cache=cache, start_frame=start,
+              actions=acts(start))
 
     for start in range(0, n_prefix, frames_per_block):
         refresh(prefix[:, start:start + frames_per_block], start)
@@ -98,12 +107,10 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
         traj = [x]
         for t, t_next in zip(grid[:-1], grid[1:]):
             tt = torch.full(x.shape[:2], t, device=x.device)
+            v = model(two(x), two(tt), ctx_all, cache=cache, start_frame=start, actions=acts(start))
             if use_cfg:
-                v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([tt, tt]), ctx_all, cache=cache,
-                                         start_frame=start).chunk(2)
+                v_cond, v_uncond = v.chunk(2)
                 v = v_uncond + guidance * (v_cond - v_uncond)
-            else:
-                v = model(x, tt, ctx_all, cache=cache, start_frame=start)
             x = euler_step(x, v, t, t_next)
             traj.append(x)
         refresh(x, start)  # the t = 0 refresh: the block's clean K/V replace its noisy ones for every later block
@@ -114,7 +121,7 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
 
 
 def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_steps=None, generator=None,
-                  cache=None, start_frame=0, exit_step=None, exit_step_first=None):
+                  cache=None, start_frame=0, exit_step=None, exit_step_first=None, actions=None):
     """Few-step inference of a distilled causal model (Self Forcing Alg. 2; Causal Forcing inference), and the
     generator rollout of DMD training (Self Forcing Alg. 1): one function, so training sees exactly what
     inference does.
@@ -130,7 +137,9 @@ def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_step
     run without gradient; the exit step runs with whatever grad mode the caller set, so under
     torch.enable_grad() gradient reaches the weights only through the exit steps and never crosses blocks
     (the cache holds detached K/V). exit_step=None means the last step: plain inference.
-    noise: (B, F, C, H, W); returns x0 (B, F, C, H, W). Pass a `cache` (and `start_frame`) to continue a stream."""
+    noise: (B, F, C, H, W); returns x0 (B, F, C, H, W). Pass a `cache` (and `start_frame`) to continue a stream.
+    actions: a world model's (B, F) long, one per frame of `noise`: each block is generated, and refreshed, under
+    its own actions, as a player's key presses arrive block by block."""
     B, nF = noise.shape[:2]
     if nF % frames_per_block:
         raise ConfigError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
@@ -143,22 +152,24 @@ def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_step
         stop = exit_step_first if first else exit_step
         stop = len(ts) - 1 if stop is None else stop
         x = noise[:, s:s + frames_per_block]
+        a = None if actions is None else actions[:, s:s + frames_per_block]
         for j, t in enumerate(ts[:stop + 1]):
             tt = torch.full(x.shape[:2], float(t), device=x.device)
             with torch.set_grad_enabled(grad and j == stop):  # only the exit step may carry gradient
-                x0_hat = x0_from_v(x, model(x, tt, ctx, cache=cache, start_frame=start_frame + s), t)
+                x0_hat = x0_from_v(x, model(x, tt, ctx, cache=cache, start_frame=start_frame + s, actions=a), t)
             if j < stop:  # re-noise with fresh noise to the next step
                 eps = torch.randn(x.shape, generator=generator).to(x.device)
                 x = add_noise(x0_hat, eps, ts[j + 1])
         with torch.no_grad():  # the t = 0 refresh: clean K/V for every later block, no gradient across blocks
             model(x0_hat.detach(), torch.zeros(x.shape[:2], device=x.device), ctx, cache=cache,
-                  start_frame=start_frame + s)
+                  start_frame=start_frame + s, actions=a)
         out.append(x0_hat)
     return torch.cat(out, dim=1)
 
 
 @torch.no_grad()
-def sample_recompute(model, noise, ctx, steps, frames_per_block=1, first_block_steps=None, generator=None):
+def sample_recompute(model, noise, ctx, steps, frames_per_block=1, first_block_steps=None, generator=None,
+                     actions=None):
     """The no-cache baseline: the same few-step sampler, but every forward re-encodes the whole clean prefix
     together with the current block (block-causal mask, prefix at t = 0) instead of reading cached K/V. It
     computes exactly what sample_stream computes (the cache holds those very prefix K/V), at a cost per block
@@ -173,7 +184,8 @@ def sample_recompute(model, noise, ctx, steps, frames_per_block=1, first_block_s
         past = torch.cat(out, dim=1) if out else noise[:, :0]
         for j, t in enumerate(ts):
             tt = torch.cat([torch.zeros(B, s), torch.full((B, frames_per_block), float(t))], 1).to(x.device)
-            v = model(torch.cat([past, x], dim=1), tt, ctx, frames_per_block=frames_per_block)[:, s:]
+            a = None if actions is None else actions[:, :s + frames_per_block]
+            v = model(torch.cat([past, x], dim=1), tt, ctx, frames_per_block=frames_per_block, actions=a)[:, s:]
             x0_hat = x0_from_v(x, v, t)
             if j + 1 < len(ts):
                 eps = torch.randn(x.shape, generator=generator).to(x.device)
@@ -185,15 +197,18 @@ def sample_recompute(model, noise, ctx, steps, frames_per_block=1, first_block_s
 @torch.no_grad()
 def toy_few_step_samples(model, n, steps, frames_per_block=1, seed=1234, first_block_4step=False):
     """n toy clips from fixed noise (same seed -> same noise for every model), prompts cycling through all 9,
-    with the few-step sampler on the model's warped step list. Returns (clips on CPU, prompts)."""
+    with the few-step sampler on the model's warped step list; a world model follows the scripted random actions
+    of toy_data.eval_actions. Returns (clips on CPU, prompts, actions or None)."""
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     prompts = [toy_data.PROMPTS[i % len(toy_data.PROMPTS)] for i in range(n)]
     noise = torch.randn(n, toy_data.FRAMES, 3, toy_data.SIZE, toy_data.SIZE, generator=g).to(dev)
     ctx = toy_data.TextEncoder()(prompts).to(dev)
     first = warped_steps(4, model.cfg.shift) if first_block_4step else None
-    clips = sample_stream(model, noise, ctx, warped_steps(steps, model.cfg.shift), frames_per_block, first, generator=g)
-    return clips.cpu(), prompts
+    actions = toy_data.eval_actions(n) if model.cfg.num_actions else None
+    clips = sample_stream(model, noise, ctx, warped_steps(steps, model.cfg.shift), frames_per_block, first, generator=g,
+                          actions=None if actions is None else actions.to(dev))
+    return clips.cpu(), prompts, actions
 
 
 @torch.no_grad()
@@ -232,8 +247,8 @@ def toy_few_step_report(model, name, n, frames_per_block, out_dir):
     each, and a GIF of the 4-step clips in out_dir/samples/. Returns {steps: metrics}."""
     metrics = {}
     for n_steps in (1, 2, 4):
-        clips, prompts = toy_few_step_samples(model, n, n_steps, frames_per_block)
-        metrics[n_steps] = toy_data.evaluate(clips, prompts)
+        clips, prompts, actions = toy_few_step_samples(model, n, n_steps, frames_per_block)
+        metrics[n_steps] = toy_data.evaluate(clips, prompts, actions=actions)  # world model: + action accuracy
         print(f"{name} {n_steps}-step | {toy_data.metric_line(metrics[n_steps])}")
     gif = os.path.join(out_dir, "samples", f"{name}_4step.gif")
     os.makedirs(os.path.dirname(gif), exist_ok=True)
@@ -257,7 +272,8 @@ class Stream:
     cached past keeps the K/V it was written with, unless `recache=True` (LongLive's KV re-cache): then every
     block the cache still holds is run again at t = 0 under the new prompt, oldest first, each seeing only the
     held frames before it, and its K/V overwritten. `write_frames` puts given clean frames (I2V's first frame)
-    into the cache at t = 0, the same write as the refresh after a generated block."""
+    into the cache at t = 0, the same write as the refresh after a generated block. A world model takes the
+    actions of each block as it is asked for it (`next_block(actions=...)`): the keys pressed so far steer it."""
 
     frame_hw = (toy_data.SIZE, toy_data.SIZE)  # the toy's frame size
 
@@ -268,42 +284,44 @@ class Stream:
         self.generator = generator
         self.frame = 0  # absolute index of the next frame
         self.ctx = None
-        self.held = {}  # first frame of each block the cache holds -> its clean frames (for the re-cache)
+        self.held = {}  # first frame of each block the cache holds -> its clean frames, actions (for the re-cache)
         self.recache_calls = 0  # forwards the re-caches ran (a test counts them)
 
     @torch.no_grad()
     def set_prompt(self, ctx, recache=False):
         self.ctx = ctx
         if recache:  # LongLive: the held past, re-encoded under the new prompt, oldest block first
-            for start, frames in sorted(self.held.items()):
+            for start, (frames, actions) in sorted(self.held.items()):
                 self.model(frames, torch.zeros(frames.shape[:2], device=frames.device), ctx, cache=self.cache,
-                           start_frame=start)
+                           start_frame=start, actions=actions)
                 self.recache_calls += 1
 
-    def _hold(self, start, frames):
+    def _hold(self, start, frames, actions):
         """Keep the clean frames of the blocks the cache still holds (a rolling cache forgets the oldest)."""
-        self.held[start] = frames
+        self.held[start] = frames, actions
         kept = set(self.cache.visible_frames())
         self.held = {f: x for f, x in self.held.items() if f in kept}
 
     @torch.no_grad()
-    def write_frames(self, frames):
-        """Clean frames (B, n, C, H, W) -> cache at t = 0; they become the stream's next n frames."""
+    def write_frames(self, frames, actions=None):
+        """Clean frames (B, n, C, H, W) [with a world model's actions (B, n)] -> cache at t = 0; they become the
+        stream's next n frames."""
         t0 = torch.zeros(frames.shape[:2], device=frames.device)
-        self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame)
-        self._hold(self.frame, frames)
+        self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame, actions=actions)
+        self._hold(self.frame, frames, actions)
         self.frame += frames.shape[1]
         return frames
 
     @torch.no_grad()
-    def next_block(self, batch=1):
-        """Generate the next block (B, frames_per_block, C, H, W) from fresh noise."""
+    def next_block(self, batch=1, actions=None):
+        """Generate the next block (B, frames_per_block, C, H, W) from fresh noise [under a world model's actions
+        (B, frames_per_block) long]."""
         p = next(self.model.parameters())
         c, (h, w) = self.model.cfg.in_dim, self.frame_hw
         noise = torch.randn(batch, self.fpb, c, h, w, generator=self.generator).to(p.device)
         out = sample_stream(self.model, noise, self.ctx, self.steps, self.fpb, self.first, self.generator,
-                            cache=self.cache, start_frame=self.frame)
-        self._hold(self.frame, out)
+                            cache=self.cache, start_frame=self.frame, actions=actions)
+        self._hold(self.frame, out, actions)
         self.frame += self.fpb
         return out
 

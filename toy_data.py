@@ -277,31 +277,36 @@ class ExactScore(torch.nn.Module):
 
 class ToyData:
     """The toy world behind the interface every stage script trains on; wan_scale.LatentFolder is the Wan-scale one.
-        batch(n, generator) -> x0 (n, F, C, H, W), text (n, L, text_dim), null text, prompts
-        texts(n, generator) -> text, null text, prompts      (DMD: prompts only, the clips come from rollouts)
+        batch(n, generator) -> x0 (n, F, C, H, W), text (n, L, text_dim), null text, prompts, actions
+        texts(n, generator) -> text, null text, prompts, actions   (DMD: conditions only, clips come from rollouts)
         shape = (F, H, W), channels = C
-    Both draw from `generator` in the same order as the toy-only code did, so toy runs are unchanged."""
+    actions: None, or with ToyData(actions=True) the world with actions (sample_action_clips): (n, F) long, the
+    action of every frame. Without actions both draw from `generator` in the same order as the toy-only code did."""
 
     is_toy = True
     shape, channels = (FRAMES, SIZE, SIZE), 3
 
-    def __init__(self):
-        self.text = TextEncoder()
+    def __init__(self, actions=False):
+        self.text, self.actions = TextEncoder(), actions
 
     def batch(self, n, generator=None):
+        if self.actions:
+            x0, prompts, actions = sample_action_clips(n, generator=generator)
+            return x0, self.text(prompts), self.text([""] * n), prompts, actions
         x0, prompts = sample_clips(n, generator=generator)
-        return x0, self.text(prompts), self.text([""] * n), prompts
+        return x0, self.text(prompts), self.text([""] * n), prompts, None
 
     def texts(self, n, generator=None):
         prompts = [PROMPTS[i] for i in torch.randint(0, len(PROMPTS), (n,), generator=generator)]
-        return self.text(prompts), self.text([""] * n), prompts
+        actions = sample_actions(n, FRAMES, generator) if self.actions else None
+        return self.text(prompts), self.text([""] * n), prompts, actions
 
 
 # -----------------------------------------------------------------------------
 # the exact evaluator
 
 _TEMPLATES = {}  # built once: the renderer's own masks on a quarter-pixel grid of positions
-_REFERENCE = {}  # frames -> reference statistics of REF_N real clips
+_REFERENCE = {}  # (frames, actions) -> reference statistics of REF_N real clips
 
 
 def _templates():
@@ -452,11 +457,12 @@ def make_reference(clips):
                 sigma=np.cov(z, rowvar=False), motion=_motion(a))
 
 
-def default_reference(frames=FRAMES):
-    """Statistics of REF_N real clips at REF_SEED, computed once per clip length."""
-    if frames not in _REFERENCE:
-        _REFERENCE[frames] = make_reference(sample_clips(REF_N, seed=REF_SEED, frames=frames)[0])
-    return _REFERENCE[frames]
+def default_reference(frames=FRAMES, actions=False):
+    """Statistics of REF_N real clips at REF_SEED (of the world with actions if `actions`), once per clip length."""
+    if (frames, actions) not in _REFERENCE:
+        sample = sample_action_clips if actions else sample_clips
+        _REFERENCE[frames, actions] = make_reference(sample(REF_N, seed=REF_SEED, frames=frames)[0])
+    return _REFERENCE[frames, actions]
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, ridge=1e-6):
@@ -470,13 +476,16 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, ridge=1e-6):
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
 
 
-def evaluate(clips, prompts, reference=None):
+def evaluate(clips, prompts, reference=None, actions=None):
     """Exact metrics of generated clips (B, F, 3, SIZE, SIZE) in [-1, 1] for their prompts (list of B).
     reference: make_reference(real clips); default: REF_N real clips of the same length. See the module
-    docstring for the meaning and ideal value of each key."""
+    docstring for the meaning and ideal value of each key.
+    actions: a world model's clips and the actions (B, F) they were made under: the default reference is then the
+    action world's, and action_acc / response (action_report) join the keys. Physics still fits straight lines,
+    so turns raise it: compare it with real action clips' (real_metrics(n, actions=True)), not with 0."""
     if len(prompts) != len(clips):
         raise ValueError(f"got {len(prompts)} prompts for {len(clips)} clips")
-    ref = default_reference(clips.shape[1]) if reference is None else reference
+    ref = default_reference(clips.shape[1], actions is not None) if reference is None else reference
     a = _analyse(clips)
     target = prompt_indices(prompts)
     correct = (a["colour"] == target[:, 0]) & (a["shape"] == target[:, 1])
@@ -492,6 +501,8 @@ def evaluate(clips, prompts, reference=None):
         motion_gap=abs(motion - ref["motion"]),
         physics=(a["sse"].sum() / n_pos).sqrt().item() if n_pos > 0 else math.nan,  # nan: no shape anywhere
         fd=fd,
+        **({} if actions is None else dict(zip(("action_acc", "response"),
+                                               list(action_report(clips, prompts, actions).values())[:2]))),
     )
 
 
@@ -572,8 +583,12 @@ def accuracy_interval(acc, n, z=1.96):
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def real_metrics(n=64, seed=0, frames=FRAMES):
-    """evaluate() of n fresh real clips: the numbers to print beside a model's (same n, same frames)."""
+def real_metrics(n=64, seed=0, frames=FRAMES, actions=False):
+    """evaluate() of n fresh real clips: the numbers to print beside a model's (same n, same frames); with
+    `actions`, of clips of the action world under the evaluation's scripted actions."""
+    if actions:
+        clips, prompts, acts = sample_action_clips(n, seed=seed, frames=frames, actions=eval_actions(n, frames))
+        return evaluate(clips, prompts, actions=acts)
     clips, prompts = sample_clips(n, seed=seed, frames=frames)
     return evaluate(clips, prompts)
 
@@ -665,6 +680,11 @@ def action_report(clips, prompts, actions, tol=0.5):
         delays.append(follow[0, 0].item() if len(follow) else ok.shape[1] - i - 1)
     return dict(accuracy=(ok & both).sum().item() / max(1, both.sum().item()),
                 response=sum(delays) / len(delays) if delays else float("nan"), changes=len(delays))
+
+
+def eval_actions(n, frames=FRAMES, seed=4321):
+    """The scripted random actions every world-model evaluation uses (fixed by seed, like its noise)."""
+    return sample_actions(n, frames, torch.Generator().manual_seed(seed))
 
 
 # -----------------------------------------------------------------------------

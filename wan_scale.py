@@ -199,20 +199,20 @@ class LatentFolder:
 
     def batch(self, n, generator=None):
         """n random clips: latents (n, F, C, H, W), text (n, text_len, text_dim), the matching null text, and
-        None for the prompts (the same interface as toy_data.ToyData)."""
+        None for the prompts and the actions (the same interface as toy_data.ToyData)."""
         idx = torch.randint(0, len(self), (n,), generator=generator).tolist()
         lat, txt = zip(*(self[i] for i in idx))
-        return torch.stack(lat), torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None
+        return torch.stack(lat), torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None, None
 
     def texts(self, n, generator=None):
-        """Text features of n random clips (DMD needs prompts only): text, null text, None."""
+        """Text features of n random clips (DMD needs prompts only): text, null text, None, None."""
         idx = torch.randint(0, len(self), (n,), generator=generator).tolist()
         from safetensors import safe_open
         txt = []
         for i in idx:
             with safe_open(self.files[i], framework="pt") as f:
                 txt.append(self._pad_text(f.get_tensor("text")))
-        return torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None
+        return torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None, None
 
 
 @dataclass
@@ -232,6 +232,21 @@ class ScaleOptions:
     clip_frames: int = 0  # train on the first N latent frames of each clip of a latent folder (0 = all): 9 of the
     # 21 of an 81-frame 480x832 clip fit stages 1-3 in 24 GiB (README, "Wan scale")
     memory_cap_gib: float = 24.0  # GPU memory this process may use (0 = all) and the plan is checked against
+    actions: bool = False  # the action-conditioned world model (toy only, Causal Forcing++ §3.3): every stage
+    # trains and samples with per-frame actions; its checkpoints live in checkpoints/world/ unless --out-dir says
+
+    def __post_init__(self):  # the world model's checkpoints keep their own folder, under the same file names
+        if self.actions and getattr(self, "out_dir", None) == "checkpoints":
+            self.out_dir = WORLD_DIR
+
+
+WORLD_DIR = "checkpoints/world"  # the default --out-dir of every stage with --actions
+
+
+def run_flags(cfg):
+    """The --actions / --out-dir part of a command that remakes a checkpoint of this run (for error messages)."""
+    default = WORLD_DIR if cfg.actions else "checkpoints"
+    return (" --actions" if cfg.actions else "") + (f" --out-dir {cfg.out_dir}" if cfg.out_dir != default else "")
 
 
 # Encoding prompts and videos, decoding latents: the optional extra (requirements-wan.txt). The stages never
@@ -343,10 +358,24 @@ def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), dev
         write_latent_clip(dest, vae.encode(read_video(video_path, frames, size)), text([prompt])[0], prompt)
 
 
-def open_data(spec, model_cfg, clip_frames=0):
-    """A stage's training data: "toy" (toy_data.ToyData, the 16x16 world), a latent folder for a Wan-shaped model
-    (its clips cropped to their first `clip_frames` latent frames when > 0), or "FxHxW" (SyntheticLatents). All
-    answer batch(n, generator) -> (x0, text, null text, prompts) and texts(n, generator)."""
+def check_actions(actions, model_cfg, spec="toy"):
+    """A world model (ModelConfig.num_actions > 0) needs --actions and --actions needs a world model: say which."""
+    if actions and spec != "toy":
+        raise ConfigError(f"--actions: the world with actions exists on the toy only (--data toy, not {spec}); at Wan "
+                          f"scale Causal Forcing++ conditions on camera poses (docs/RESULTS.md, the world model)")
+    if actions and not model_cfg.num_actions:
+        raise ConfigError("--actions needs a world model, and this checkpoint has no action conditioning; train one "
+                          "with: python ar_teacher.py --phase base --actions")
+    if model_cfg.num_actions and not actions:
+        raise ConfigError(f"this checkpoint is a world model ({model_cfg.num_actions} actions): add --actions")
+
+
+def open_data(spec, model_cfg, clip_frames=0, actions=False):
+    """A stage's training data: "toy" (toy_data.ToyData, the 16x16 world; with `actions` the world with actions), a
+    latent folder for a Wan-shaped model (its clips cropped to their first `clip_frames` latent frames when > 0),
+    or "FxHxW" (SyntheticLatents). All answer batch(n, generator) -> (x0, text, null text, prompts, actions) and
+    texts(n, generator) -> (text, null text, prompts, actions); actions is None except in the toy world model."""
+    check_actions(actions, model_cfg, spec)
     if clip_frames and (spec == "toy" or parse_clip_size(spec)):
         raise ConfigError(f"--clip-frames crops the clips of a latent folder; --data {spec} sets its frames itself")
     if spec == "toy":
@@ -354,7 +383,7 @@ def open_data(spec, model_cfg, clip_frames=0):
             raise ConfigError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "
                              f"--data <latent folder> for a Wan-shaped model")
         import toy_data
-        return toy_data.ToyData()
+        return toy_data.ToyData(actions)
     if model_cfg.in_dim == 3:
         raise ConfigError(f"--data {spec}: a latent folder needs a Wan-shaped model (--model wan2.1-1.3b or wan-tiny "
                          f"with --init-weights); the toy model reads --data toy")
@@ -392,7 +421,7 @@ class SyntheticLatents:
         txt = torch.zeros(n, self.text_len, self.text_dim)
         txt[:, :self.prompt_tokens] = torch.randn(n, min(self.prompt_tokens, self.text_len), self.text_dim,
                                                   generator=generator)
-        return txt, self.negative.expand(n, -1, -1).clone(), None
+        return txt, self.negative.expand(n, -1, -1).clone(), None, None
 
     def batch(self, n, generator=None):
         x0 = torch.randn(n, self.shape[0], self.in_dim, *self.shape[1:], generator=generator)

@@ -22,10 +22,10 @@ def test_latent_folder_loads_pads_and_batches(tmp_path):
     lat, txt = folder[2]
     assert lat.shape == (5, 16, 6, 8) and txt.shape == (10, 64)
     assert txt[:5].abs().sum(-1).min() > 0 and torch.equal(txt[5:], torch.zeros(5, 64))  # 5 tokens, zero-padded
-    lat, txt, null, prompts = folder.batch(4, torch.Generator().manual_seed(0))
+    lat, txt, null, prompts, actions = folder.batch(4, torch.Generator().manual_seed(0))
     assert lat.shape == (4, 5, 16, 6, 8) and txt.shape == (4, 10, 64) and torch.equal(null, torch.zeros(4, 10, 64))
-    assert prompts is None and folder.channels == 16
-    txt2, null2, _ = folder.texts(4, torch.Generator().manual_seed(0))  # same clips drawn, text only
+    assert prompts is None and actions is None and folder.channels == 16
+    txt2, null2, _, _ = folder.texts(4, torch.Generator().manual_seed(0))  # same clips drawn, text only
     assert torch.equal(txt2, txt) and torch.equal(null2, null)
     # a negative prompt file becomes the unconditional text; frames= crops every clip
     WS.write_latent_clip(str(tmp_path / "negative.safetensors"), torch.zeros(1, 16, 1, 1), torch.ones(2, 64))

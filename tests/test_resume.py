@@ -40,8 +40,9 @@ def run_dir(teachers, tmp_path, monkeypatch):
     monkeypatch.setattr(causal_cd, "toy_few_step_report", lambda *a, **k: {})
     monkeypatch.setattr(ode_init, "toy_few_step_report", lambda *a, **k: {})
     monkeypatch.setattr(dmd, "toy_few_step_samples",
-                        lambda model, n, *a, **k: (torch.zeros(n, toy_data.FRAMES, 3, 16, 16), toy_data.PROMPTS[:1] * n))
-    monkeypatch.setattr(toy_data, "evaluate", lambda clips, prompts, reference=None: dict(FAKE_METRICS))
+                        lambda model, n, *a, **k: (torch.zeros(n, toy_data.FRAMES, 3, 16, 16), toy_data.PROMPTS[:1] * n,
+                                                    None))
+    monkeypatch.setattr(toy_data, "evaluate", lambda clips, prompts, reference=None, actions=None: dict(FAKE_METRICS))
     return tmp_path
 
 

@@ -242,7 +242,7 @@ def test_smoke_dmd_resume_and_errors(tiny_teachers):
         dmd.train(dmd_run(tiny_teachers, init="bidirectional_ode"))
     with pytest.raises(ValueError, match="--init must be one of"):
         dmd.train(dmd_run(tiny_teachers, init="self_forcing"))
-    with pytest.raises(ValueError, match="--real-score must be 'base' or, on the toy only"):
+    with pytest.raises(ValueError, match="--real-score must be 'base' or, on the plain toy only"):
         dmd.train(dmd_run(tiny_teachers, real_score="oracle"))
     # DMD against the toy's exact data score runs the same loop (the critic still starts from the base)
     metrics, _ = dmd.train(dmd_run(tiny_teachers, num_steps=1, gen_updates=1, real_score="exact", real_guidance=1.0))

@@ -265,7 +265,7 @@ def test_dry_run_prints_the_plan_without_loading_anything(wan_tiny, capsys):
 def test_random_weights_and_synthetic_latents_run_a_stage_without_any_files(tmp_path, capsys):
     # the GPU memory measurement's path: --init-weights random --data FxHxW, nothing downloaded or encoded
     data = WS.open_data("3x4x8", M.PRESETS["wan-tiny"])
-    x0, txt, null, prompts = data.batch(2, generator=torch.Generator().manual_seed(0))
+    x0, txt, null, prompts, actions = data.batch(2, generator=torch.Generator().manual_seed(0))
     assert x0.shape == (2, 3, 16, 4, 8) and txt.shape == (2, 512, 4096) and null.abs().sum() == 0 and prompts is None
     assert txt[:, :64].abs().sum() > 0 and txt[:, 64:].abs().sum() == 0  # 64 prompt tokens, zero padding
     with pytest.raises(ValueError, match="needs the toy model"):
