@@ -379,13 +379,20 @@ def timed_stream(model, frames, steps, frames_per_block=1, first_block_steps=Non
         stream.frame_hw = frame_hw
     stream.set_prompt(ctx)
     out, times = [], []
+    acts = still_actions(model, frames_per_block, dev)  # a world model: timed under "stay" (speed ignores values)
     for _ in range(frames // frames_per_block):
         _sync(dev)
         t0 = time.perf_counter()
-        out.append(stream.next_block())
+        out.append(stream.next_block(actions=acts))
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return torch.cat(out, 1), times
+
+
+def still_actions(model, n, device):
+    """(1, n) of the action "stay" for a world model, None for any other."""
+    stay = toy_data.ACTIONS.index("stay")
+    return torch.full((1, n), stay, dtype=torch.long, device=device) if model.cfg.num_actions else None
 
 
 def stream_speed(model, num_steps, frames_per_block=1, frames=toy_data.FRAMES, first_block_4step=False,
@@ -409,7 +416,7 @@ def stream_speed(model, num_steps, frames_per_block=1, frames=toy_data.FRAMES, f
         for _ in range(repeats if frames <= 32 else 1):
             _sync(dev)
             t0 = time.perf_counter()
-            sample_recompute(model, noise, ctx, steps, frames_per_block, first)
+            sample_recompute(model, noise, ctx, steps, frames_per_block, first, actions=still_actions(model, frames, dev))
             _sync(dev)
             best = min(best, time.perf_counter() - t0)
         res.update(fps_recompute=frames / best, cache_speedup=res["fps"] / (frames / best))
@@ -423,7 +430,7 @@ def stream_speed(model, num_steps, frames_per_block=1, frames=toy_data.FRAMES, f
 DISTILLED = ("causal_cd", "causal_ode", "bidirectional_ode", "dmd")  # checkpoints the few-step sampler can run
 
 
-def load_streamable(path):
+def load_streamable(path, world_ok=True):
     """A distilled causal model from any stage-2/3 checkpoint; anything else is refused before any work."""
     ckpt = load_checkpoint(path, make_cmd="python causal_cd.py --toy")
     stage = ckpt.get("stage")
@@ -432,6 +439,9 @@ def load_streamable(path):
                 "ar_teacher": "it is a multi-step AR teacher (stage 1): distil it first (python causal_cd.py --toy)"}
         raise ConfigError(f"{path} is a '{stage}' checkpoint; the streaming sampler needs a distilled few-step "
                          f"model ({', '.join(DISTILLED)}): {hint.get(stage, 'unknown stage')}")
+    if ckpt["model_config"].get("num_actions") and not world_ok:
+        raise ConfigError(f"{path} is a world model; --bench and --switch-bench measure the plain toy's models. Time a "
+                          f"world model with a scripted stream: --actions SCRIPT --speed")
     model = model_from_checkpoint(ckpt, key="ema" if "ema" in ckpt else "model").eval()
     model.requires_grad_(False)
     return model, ckpt
@@ -500,7 +510,10 @@ def build_parser():
     p.add_argument("--sink", type=int, default=0, help="rolling cache: first frames kept forever")
     p.add_argument("--switch", action="append", default=[], metavar="FRAME:PROMPT",
                    help="switch the prompt at FRAME (repeatable)")
-    p.add_argument("--interactive", action="store_true", help="read new prompts from stdin while streaming")
+    p.add_argument("--interactive", action="store_true", help="read new prompts from stdin while streaming; a world "
+                   "model is steered by single key presses instead (arrows or WASD, space = stay, 1-9 = prompt, q = quit)")
+    p.add_argument("--actions", default="", help="a world model's recorded action script, one action per frame: a "
+                   f"comma-separated string or a file of them ({', '.join(toy_data.ACTIONS)}, or their indices)")
     p.add_argument("--recache", action="store_true", help="at a prompt switch, re-encode the cached past under the "
                    "new prompt (LongLive's KV re-cache) instead of keeping its K/V")
     p.add_argument("--fps", type=float, default=8.0, help="--interactive: playback rate the stream is paced to")
@@ -524,6 +537,63 @@ def build_parser():
                    "the latents and whose umT5 encodes --prompt; --bench: 'random' times the VAE with random weights")
     p.add_argument("--device", default="auto")
     return p
+
+
+# Steering a world model from the keyboard. The actions are the four diagonals and "stay"; a key sets one axis
+# and keeps the other: "up" turns an up-left or down-left move into up-left, "right" any move into its right-hand
+# version, space stops; the next arrow starts moving again. The last action holds until the next key.
+KEYS = {"w": "up", "s": "down", "a": "left", "d": "right", "\x1b[A": "up", "\x1b[B": "down", "\x1b[D": "left",
+        "\x1b[C": "right", " ": "stay"}
+
+
+def steer(action, key):
+    """The action after `key` (a KEYS value) from the current action name: see the comment above."""
+    if key == "stay":
+        return "stay"
+    v, h = ("down", "right") if action == "stay" else action.split("-")  # from rest: down-right unless the key says
+    v, h = (key, h) if key in ("up", "down") else (v, key)
+    return f"{v}-{h}"
+
+
+def key_presses():
+    """A daemon thread putting (time, key) for every key pressed (no Enter: the terminal in cbreak mode) into a
+    queue, arrow keys as "up"/"down"/"left"/"right" via KEYS. Returns (queue, restore): call restore() to give the
+    terminal back its settings. From a pipe the same keys are read as bytes; its end is not a key (the stream goes
+    on to --frames)."""
+    import queue
+    import sys
+    import threading
+    q, fd, old = queue.Queue(), sys.stdin.fileno(), None
+    if sys.stdin.isatty():
+        import termios
+        import tty
+        old = termios.tcgetattr(fd)
+        tty.setcbreak(fd)
+
+    def read():
+        while True:
+            ch = os.read(fd, 1).decode(errors="ignore")
+            if not ch:
+                return
+            if ch == "\x1b":  # an arrow key arrives as ESC [ A..D
+                ch += os.read(fd, 2).decode(errors="ignore")
+            q.put((time.perf_counter(), KEYS.get(ch.lower(), ch)))
+    threading.Thread(target=read, daemon=True).start()
+
+    def restore():
+        if old is not None:
+            import termios
+            termios.tcsetattr(fd, termios.TCSADRAIN, old)
+    return q, restore
+
+
+def read_action_script(spec, n_frames):
+    """--actions: a string or a file of comma- or line-separated actions -> (n_frames,) long, checked."""
+    text = open(spec).read().replace("\n", ",") if os.path.isfile(spec) else spec
+    try:
+        return toy_data.parse_actions(",".join(a for a in text.split(",") if a.strip()), n_frames)
+    except ValueError as err:
+        raise ConfigError(f"--actions: {err}") from None
 
 
 def stdin_prompts():
@@ -585,6 +655,17 @@ def main(argv=None):
         first_image = read_first_frame(args.first_frame).to(device)
     if os.path.splitext(args.out)[1] not in (".gif", ".mp4"):
         raise ConfigError(f"--out {args.out}: write a .gif or an .mp4")
+    world, script = bool(model.cfg.num_actions), None
+    if args.actions and not world:
+        raise ConfigError(f"--actions: {args.ckpt} is not a world model (no action conditioning); train one with "
+                          f"--actions (README, the world model)")
+    if world and args.actions and args.interactive:
+        raise ConfigError("--actions (a recorded script) and --interactive (the keyboard) both steer: pick one")
+    if world and not (args.actions or args.interactive):
+        raise ConfigError(f"{args.ckpt} is a world model: give it actions, --actions 'down-right,down-right,...' "
+                          f"(one per frame, or a file), or steer it from the keyboard with --interactive")
+    if args.actions:
+        script = read_action_script(args.actions, args.frames).to(device)
 
     steps = warped_steps(n_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4 and first_image is None) else None
@@ -593,8 +674,13 @@ def main(argv=None):
                     generator=torch.Generator().manual_seed(args.seed))
     prompt = args.prompt
     stream.set_prompt(text([prompt]).to(device))
-    queue = stdin_prompts() if args.interactive else None
-    if args.interactive:
+    queue = stdin_prompts() if args.interactive and not world else None
+    keys, restore = key_presses() if args.interactive and world else (None, lambda: None)
+    action, pressed, latencies = "stay", None, []  # the held action; when its key came; key-to-frame times
+    if args.interactive and world:
+        print(f"streaming at {args.fps:g} fps; steer with the arrow keys or WASD (space: stay), 1-9 switch the "
+              f"prompt ({', '.join(f'{i + 1} {p}' for i, p in enumerate(toy_data.PROMPTS))}), q or Ctrl-C quits")
+    elif args.interactive:
         print(f"streaming at {args.fps:g} fps; type a prompt ({', '.join(toy_data.PROMPTS)}) "
               f"and Enter to switch, 'quit' to stop")
     print(f"{args.ckpt}: {ckpt['stage']}, {'frame' if fpb == 1 else 'chunk'}-wise, {n_steps}-step"
@@ -602,7 +688,8 @@ def main(argv=None):
     frames, captions, t_start = [], [], time.perf_counter()  # captions: each frame's line in the GIF
     mode = f"{n_steps}-step"  # (the stage is in the CLI's output; a 128-px frame holds a short line)
     if first_image is not None:
-        frames.append(stream.write_frames(first_image))
+        frames.append(stream.write_frames(first_image, actions=None if not world else script[None, :1] if script
+                                          is not None else still_actions(model, 1, device)))
         captions.append("frame 0\nthe given image")
     try:
         while stream.frame < n_frames:
@@ -623,17 +710,42 @@ def main(argv=None):
                 prompt = line
                 stream.set_prompt(text([prompt]).to(device), recache=args.recache)
                 print(f"\nframe {stream.frame}: prompt -> {prompt!r}")
+            while keys is not None and not keys.empty():  # interactive world model: the keys pressed so far
+                when, key = keys.get()
+                if key == "q":
+                    n_frames = stream.frame
+                    break
+                if key in "123456789" and len(key) == 1:
+                    prompt = toy_data.PROMPTS[int(key) - 1]
+                    stream.set_prompt(text([prompt]).to(device), recache=args.recache)
+                elif key in ("up", "down", "left", "right", "stay"):
+                    action, pressed = steer(action, key), when
             if stream.frame >= n_frames:
                 break
-            frames.append(stream.next_block())
-            captions += [f"frame {i}, {mode}\n{prompt}" for i in range(stream.frame - frames[-1].shape[1], stream.frame)]
+            acts = None
+            if world:  # this block's actions: the script's, or the held key's
+                acts = script[None, stream.frame:stream.frame + fpb] if script is not None else \
+                    torch.full((1, fpb), toy_data.ACTIONS.index(action), dtype=torch.long, device=device)
+            frames.append(stream.next_block(actions=acts))
+            if pressed is not None:  # the first frame made under the newest key: its key-to-frame latency
+                latencies.append(time.perf_counter() - pressed)
+                pressed = None
+            first_new = stream.frame - frames[-1].shape[1]
+            captions += [f"frame {i}, {mode}\n{prompt}" + (f", {toy_data.ACTIONS[acts[0, i - first_new]]}" if world else "")
+                         for i in range(first_new, stream.frame)]
             if args.interactive:  # pace to the playback rate, as a viewer would watch it
-                print(f"\rframe {stream.frame} ({prompt})", end="", flush=True)
+                print(f"\rframe {stream.frame} ({prompt}{', ' + action if world else ''})   ", end="", flush=True)
                 time.sleep(max(0.0, stream.frame / args.fps - (time.perf_counter() - t_start)))
     except KeyboardInterrupt:  # Ctrl-C ends the stream; what was generated is still written
         print()
+    finally:
+        restore()  # the terminal's own settings back, whatever happened
     if args.interactive:
         print()
+    if latencies:
+        print(f"key-to-frame latency over {len(latencies)} key presses: mean {1000 * sum(latencies) / len(latencies):.0f} "
+              f"ms, max {1000 * max(latencies):.0f} ms (a key waits for the next block's turn at {args.fps:g} fps, "
+              f"then that block is generated under it)")
     if not frames:
         print("stopped before the first frame: nothing written")
         return None
@@ -657,7 +769,7 @@ def main(argv=None):
 def switch_bench(args, seeds=(0, 1, 2)):
     """--switch-bench: switch_report with and without the KV re-cache, mean +- sd over 3 seeds (streams, noise)."""
     import statistics
-    model, ckpt = load_streamable(args.ckpt)
+    model, ckpt = load_streamable(args.ckpt, world_ok=False)
     model = model.to(pick_device(args.device))
     fpb = ckpt["config"].get("frames_per_block", 1)
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
@@ -679,7 +791,7 @@ def bench(args):
     """The speed table (issue: faster than real time, cache vs recompute at 8/32/128 frames, first-frame
     latency of frame-wise 2-step vs chunk-wise 4-step) and the long-stream drift check."""
     device = pick_device(args.device)
-    model, ckpt = load_streamable(args.ckpt)
+    model, ckpt = load_streamable(args.ckpt, world_ok=False)
     model = model.to(device)
     torch.set_grad_enabled(False)
     print(f"speed, batch 1, {device.type}, {torch.get_num_threads()} threads, {args.ckpt}; speed depends only on "

@@ -26,7 +26,7 @@ from collections import namedtuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Mutant = namedtuple("Mutant", "name file original replacement tests")
 
-L, R, E = "tests/test_losses.py", "tests/test_resume.py", "tests/test_equivalences.py"
+L, R, E, W = "tests/test_losses.py", "tests/test_resume.py", "tests/test_equivalences.py", "tests/test_world.py"
 
 MUTANTS = [
     # --- the losses -------------------------------------------------------------------------------------------
@@ -47,10 +47,10 @@ MUTANTS = [
            "path = dict(frames_per_block=frames_per_block) if teacher_kind == \"ar\" else", [L]),
     Mutant("dmd_g_sign", "dmd.py", "g = torch.nan_to_num((x0_fake - x0_real) / norm)",
            "g = torch.nan_to_num((x0_real - x0_fake) / norm)", [L]),
-    Mutant("dmd_real_score_no_cfg", "dmd.py", "cfg_velocity(real, x_t, t, ctx, ctx_null, guidance)",
-           "real(x_t, t, ctx)", [L]),
-    Mutant("dmd_critic_target_sign", "dmd.py", "return (critic(x_t, t, ctx) - (eps - x)).pow(2).mean()",
-           "return (critic(x_t, t, ctx) - (x - eps)).pow(2).mean()", [L]),
+    Mutant("dmd_real_score_no_cfg", "dmd.py", "cfg_velocity(real, x_t, t, ctx, ctx_null, guidance, actions=actions)",
+           "real(x_t, t, ctx, actions=actions)", [L]),
+    Mutant("dmd_critic_target_sign", "dmd.py", "return (critic(x_t, t, ctx, actions=actions) - (eps - x)).pow(2)",
+           "return (critic(x_t, t, ctx, actions=actions) - (x - eps)).pow(2)", [L]),
     # --- the updates ------------------------------------------------------------------------------------------
     Mutant("ema_decay_inverted", "model.py", "p_ema.lerp_(p, 1 - decay)", "p_ema.lerp_(p, decay)", [L]),
     Mutant("lean_no_momentum_bias_correction", "wan_scale.py", "g = m / (1 - b1 ** n)", "g = m", [L]),
@@ -106,7 +106,7 @@ MUTANTS = [
     Mutant("stream_no_refresh", "sample_stream.py", "model(x0_hat.detach(), torch.zeros(",
            "(lambda *a, **k: None)(x0_hat.detach(), torch.zeros(", ["tests/test_stage3.py"]),
     Mutant("i2v_image_not_written", "sample_stream.py",
-           "self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame)", "None", [E]),
+           "self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame, actions=actions)", "None", [E]),
     Mutant("evaluator_ignores_reference", "toy_data.py",
            "ref = default_reference(clips.shape[1], actions is not None) if reference is None else reference",
            "ref = default_reference(clips.shape[1], actions is not None)", [E]),
@@ -126,6 +126,29 @@ MUTANTS = [
            "{1 / s['cache_speedup']:.1f}x", [E]),
     Mutant("per_frame_latency_ignores_block_size", "sample_stream.py",
            "per_frame_s=sum(later) / (len(later) * frames_per_block)", "per_frame_s=sum(later) / len(later)", [E]),
+    # --- the world model: each frame's action, wherever a model is called ----------------------------------------
+    Mutant("stream_every_block_gets_the_first_actions", "sample_stream.py",
+           "a = None if actions is None else actions[:, s:s + frames_per_block]",
+           "a = None if actions is None else actions[:, :frames_per_block]", [W]),
+    Mutant("ar_sampler_block_actions_shifted", "sample_stream.py",
+           "return None if actions is None else two(actions[:, start:start + frames_per_block])",
+           "return None if actions is None else two(actions[:, max(0, start - 1):max(0, start - 1) + frames_per_block])",
+           [W]),
+    Mutant("recompute_actions_of_the_wrong_frames", "sample_stream.py",
+           "a = None if actions is None else actions[:, :s + frames_per_block]",
+           "a = None if actions is None else actions[:, -(s + frames_per_block):]", [W]),
+    Mutant("recache_drops_held_actions", "sample_stream.py", "start_frame=start, actions=actions)\n",
+           "start_frame=start, actions=torch.zeros_like(actions))\n", [W]),
+    Mutant("cd_loss_ignores_actions", "causal_cd.py",
+           "tf = dict(clean=x0, frames_per_block=frames_per_block, actions=actions)",
+           "tf = dict(clean=x0, frames_per_block=frames_per_block, actions=torch.zeros_like(actions))", [W]),
+    Mutant("ode_loss_ignores_actions", "ode_init.py", "        path[\"actions\"] = actions",
+           "        path[\"actions\"] = torch.zeros_like(actions)", [W]),
+    Mutant("dmd_fake_score_ignores_actions", "dmd.py", "x0_fake = x0_from_v(x_t, critic(x_t, t, ctx, actions=actions), t)",
+           "x0_fake = x0_from_v(x_t, critic(x_t, t, ctx, actions=torch.zeros_like(actions)), t)", [W]),
+    Mutant("keys_steer_swaps_axes", "sample_stream.py",
+           "v, h = (key, h) if key in (\"up\", \"down\") else (v, key)",
+           "v, h = (v, key) if key in (\"up\", \"down\") else (key, h)", [W]),
     # --- the bidirectional-ODE recipe and the exposure-bias / exact-denoiser measurements ------------------------
     Mutant("ode_bidir_loss_not_masked", "ode_init.py", "return (x0_hat[mask] - states[:, -1][mask]).pow(2).mean()",
            "return (x0_hat - states[:, -1]).pow(2).mean()", ["tests/test_stage2.py"]),
