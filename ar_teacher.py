@@ -26,6 +26,8 @@ Commands (toy, CPU; the README lists measured times):
     python ar_teacher.py --phase ar                    # -> checkpoints/ar_teacher.pt            (frame-wise)
     python ar_teacher.py --phase ar --frames-per-block 3   # -> checkpoints/ar_teacher_chunkwise.pt
     python ar_teacher.py --phase ar --diffusion-forcing    # -> checkpoints/ar_diffusion_forcing.pt (ablation)
+    python ar_teacher.py --phase base --actions        # the world model's base -> checkpoints/world/base.pt (every
+                                                       # stage takes --actions: toy_data's world with actions)
     python ar_teacher.py --phase ar --model wan2.1-1.3b --init-weights WAN_DIR --data LATENT_DIR --batch-size 1 \
         --param-dtype bfloat16 --optimizer lean --grad-checkpointing [--dry-run]   # Wan scale (README)
 Add --resume to continue an interrupted run from its last checkpoint; --resume --ship on a finished run writes

@@ -25,6 +25,7 @@ Commands:
     python causal_cd.py --toy        # from a clean checkout: trains missing teachers, then CD, then samples
                                      # 1/2/4-step clips, prints their metrics, writes a GIF
     python causal_cd.py              # CD only (the AR teacher must exist)
+    python causal_cd.py --actions    # the world model's CD (its teachers in checkpoints/world/)
     python causal_cd.py --data LATENT_DIR --batch-size 1 ...   # Wan scale (README): after ar_teacher.py there
 """
 import copy

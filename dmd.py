@@ -45,6 +45,7 @@ one Python process, no FSDP. The CFG weight is written in the
 
 Commands:
     python dmd.py --init causal_cd --num-steps 2      # one DMD run (stage-2 checkpoint must exist)
+    python dmd.py --init causal_cd --num-steps 2 --actions   # the world model's: rollouts under random actions
     python dmd.py --init causal_cd --num-steps 2 --real-score exact --real-guidance 1   # against the exact score
     python dmd.py --init causal_cd --num-steps 2 --model wan2.1-1.3b --init-weights WAN_DIR --data LATENT_DIR ...
                                                       # Wan scale: Wan2.1 is the real score (README)

@@ -39,6 +39,7 @@ Commands (toy, CPU; times in the README):
     python ode_init.py --teacher bidirectional    # pairs + bidirectional-ODE student
     python ode_init.py --teacher bidirectional --noisy-prefix   # the ablation, on the same pairs
     python ode_init.py --plot                     # injectivity.png (--train-missing: train a missing student)
+    python ode_init.py --actions --plot           # the world teachers' future-resampling variance: injectivity_world.png
     python ode_init.py --teacher ar --data LATENT_DIR --num-pairs 8 ...   # Wan scale (README)
 """
 import copy
@@ -512,10 +513,59 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
 
 
 @torch.no_grad()
+def world_injectivity(cfg, path="injectivity_world.png", K=16):
+    """The injectivity argument for the world model (`--actions --plot`): the variance of each world teacher's frame
+    i over K futures whose noise *and actions* (frames > i) are redrawn, the past's noise and actions fixed. A
+    bidirectional action-conditioned teacher's frame i hears where the player will steer next; an AR one cannot.
+    Needs only the two world teachers. Prints the variances and writes a one-panel figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    device = pick_device(cfg.device)
+    base, _ = load_teacher(cfg.out_dir, "base", device=device, actions=True)
+    ar, _ = load_teacher(cfg.out_dir, "ar", device=device, actions=True)
+    text, prompts = toy_data.TextEncoder(), ["red circle", "green square", "blue triangle"]
+    P, nF = len(prompts), toy_data.FRAMES
+    ctx, null = text(prompts * K).to(device), text([""] * P * K).to(device)
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    noise = torch.randn(P, nF, 3, toy_data.SIZE, toy_data.SIZE, generator=g)
+    actions = toy_data.eval_actions(P, nF)
+    teachers = {"bidirectional world teacher": lambda x, a: sample_bidirectional(base, x, ctx, null, FIGURE_STEPS,
+                                                                                 cfg.guidance, actions=a),
+                "AR world teacher": lambda x, a: sample_ar(ar, x, ctx, null, FIGURE_STEPS, cfg.guidance, 1, actions=a)}
+    var = {k: [] for k in teachers}
+    for i in tqdm(range(nF), desc="world injectivity: resampling futures"):
+        x, a = noise.repeat(K, 1, 1, 1, 1), actions.repeat(K, 1)  # (K*P, ...): copy k of prompt p is row k*P + p
+        x[:, i + 1:] = torch.randn(x[:, i + 1:].shape, generator=g)
+        a[:, i + 1:] = toy_data.sample_actions(K * P, nF, g)[:, i + 1:]
+        for name, sampler in teachers.items():
+            ends = sampler(x.to(device), a.to(device))[:, i].reshape(K, P, -1)
+            var[name].append(ends.var(0).mean().item())
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (name, v), c in zip(var.items(), ("C0", "C1")):
+        ax.semilogy(range(nF), [max(x, 1e-16) for x in v], "o-", color=c,
+                    label=name + (" (exactly 0, drawn at 1e-16)" if max(v) == 0 else ""))
+    ax.set_xlabel("frame index i")
+    ax.set_ylabel(f"variance of frame i over {K} futures\n(noise and actions of frames > i redrawn)")
+    ax.set_title("World model: do the future's actions and noise change frame i?\nbidirectional teacher: yes; "
+                 "AR teacher: never", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+    for n, v in var.items():
+        print(f"  {n:>27}: future-resampling variance per frame {['%.1e' % x for x in v]}")
+    return var
+
+
+@torch.no_grad()
 def per_frame_report(cfg, n=72):
     """Prop. 3.3 frame by frame: the second moment and blur of each student's samples per frame index (1 and
     4 steps, the same 72 noises), beside those of its ODE targets (the stored endpoints). Students or pair files
     missing from cfg.out_dir are skipped."""
+    if cfg.actions:
+        raise ConfigError("--per-frame compares the plain toy's ODE students; the world model has --plot (its injectivity)")
     fmt = lambda v: "[" + ", ".join(f"{float(a):.3f}" for a in v) + "]"
     runs = [Config(teacher=teacher, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, noisy_prefix=noisy)
             for teacher, noisy in (("ar", False), ("bidirectional", False), ("bidirectional", True))]
@@ -541,4 +591,5 @@ def per_frame_report(cfg, n=72):
 
 if __name__ == "__main__":
     cfg = parse_config(Config, description=__doc__.split("\n\n")[0])
-    run_main(per_frame_report if cfg.per_frame else plot_injectivity if cfg.plot else train, cfg)
+    run_main(per_frame_report if cfg.per_frame else (world_injectivity if cfg.actions else plot_injectivity)
+             if cfg.plot else train, cfg)

@@ -22,6 +22,10 @@ with and without the KV cache):
     python sample_stream.py --first-frame out/toy_first_frame.png                   # I2V (frame-wise models)
     python sample_stream.py --bench                           # the speed table and the long-stream drift check
     python sample_stream.py --switch-bench --steps 2          # prompt switches with and without --recache
+World model (a checkpoint of the stages run with --actions, checkpoints/world/): every frame needs an action,
+    python sample_stream.py --ckpt checkpoints/world/dmd_causal_cd_2step.pt --interactive   # steer with the keys
+    python sample_stream.py --ckpt checkpoints/world/dmd_causal_cd_2step.pt --frames 12 \
+        --actions down-right,down-right,down-right,up-right,up-right,up-right,stay,stay,up-left,up-left,up-left,up-left
 """
 import os
 import time
