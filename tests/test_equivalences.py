@@ -89,7 +89,7 @@ class ClockModel(nn.Module):
 
     def __init__(self, clock):
         super().__init__()
-        self.cfg = SimpleNamespace(shift=5.0, in_dim=3)
+        self.cfg = SimpleNamespace(shift=5.0, in_dim=3, num_actions=0)
         self.w = nn.Parameter(torch.zeros(()))
         self.clock = clock
 
