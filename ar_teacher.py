@@ -49,8 +49,9 @@ from toy_data import metric_line
 from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, ema_update,
                    load_checkpoint, loss_weight, model_from_checkpoint, parse_config, pick_device, run_main,
                    save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
-from wan_scale import (ScaleOptions, WORLD_DIR, check_actions, dry_run, limit_memory, make_optimizer, open_data,
-                       prepare, report_memory, run_flags, wan_base)
+from wan_scale import (ScaleOptions, WORLD_DIR, check_actions, dry_run, limit_memory, load_whole,
+                       load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
+                       report_memory, run_flags, shard, start_distributed, wan_base, whole)
 from sample_stream import sample_ar, sample_bidirectional
 
 
@@ -264,10 +265,11 @@ def train(cfg):
         raise ConfigError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
     if cfg.dry_run:  # the plan of one training step, before anything is loaded
         return dry_run("ar" if cfg.phase == "ar" else "base", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
-    device = pick_device(cfg.device)
+    part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     path = checkpoint_path(cfg)
+    part.check(cfg.batch_size)
 
     # the model: a fresh toy DiT for the base; the base's EMA weights (or Wan2.1's) for the AR teacher
     if cfg.phase == "base":
@@ -287,6 +289,7 @@ def train(cfg):
         raise ConfigError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
     model = prepare(model, cfg.param_dtype, cfg.grad_checkpointing).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
+    model, ema = shard(model, part, cfg.optimizer), shard(ema, part)  # FSDP2 under torchrun; else unchanged
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), cfg.weight_decay)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # clips, prompt dropout, timesteps
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -301,9 +304,9 @@ def train(cfg):
                   and saved[k] != v}
         if differ:
             raise ConfigError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
-        model.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["optimizer"])
+        load_whole(model, ckpt["model"])  # = model.load_state_dict for one process; any N can resume any N's run
+        load_whole(ema, ckpt["ema"])
+        load_whole_optimizer(opt, ckpt["optimizer"])
         data_gen.set_state(ckpt["data_gen"])
         noise_gen.set_state(ckpt["noise_gen"])
         step, history = ckpt["step"], ckpt["history"]
@@ -317,10 +320,11 @@ def train(cfg):
     n_blocks = n_frames // fpb
 
     def save():  # until step == steps to X.partial.pt (model.save_run): a finished X.pt is never overwritten mid-run
-        save_run(path, step == steps, stage="base" if cfg.phase == "base" else "ar_teacher", model_config=asdict(mcfg),
-                        config=asdict(cfg), model=model.state_dict(), ema=ema.state_dict(),
-                        optimizer=opt.state_dict(), step=step, history=history,
-                        data_gen=data_gen.get_state(), noise_gen=noise_gen.get_state())
+        states = whole(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()))  # all ranks
+        on_main(part, lambda: save_run(
+            path, step == steps, stage="base" if cfg.phase == "base" else "ar_teacher", model_config=asdict(mcfg),
+            config=asdict(cfg), **states, step=step, history=history, data_gen=data_gen.get_state(),
+            noise_gen=noise_gen.get_state()))
 
     def write_gif(clips):  # the first 18 clips (2 per prompt) of the EMA model at this step
         gif = os.path.join(cfg.out_dir, "samples", f"{os.path.basename(path)[:-3]}_step{step}.gif")
@@ -332,7 +336,7 @@ def train(cfg):
 
     steps = cfg.base_steps if cfg.phase == "base" else cfg.ar_steps
     t_start, step_at_start = time.time(), step
-    pbar = tqdm(total=steps, initial=step, desc=cfg.phase, dynamic_ncols=True)
+    pbar = tqdm(total=steps, initial=step, desc=cfg.phase, dynamic_ncols=True, disable=part.rank > 0)
     while step < steps:
         # learning rate: linear warmup, then cosine to lr/10
         frac = min(1.0, (step + 1) / cfg.warmup) if step < cfg.warmup else \
@@ -340,11 +344,12 @@ def train(cfg):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * frac
 
-        x0, ctx, null, _, actions = data.batch(cfg.batch_size, generator=data_gen)
-        drop = torch.rand(cfg.batch_size, generator=data_gen) < cfg.prompt_dropout
+        # the global batch's draws, in one order; under torchrun each process keeps its rows (part)
+        x0, ctx, null, _, actions = map(part, data.batch(cfg.batch_size, generator=data_gen))
+        drop = part.rand(len(x0), generator=data_gen) < cfg.prompt_dropout
         ctx = torch.where(drop[:, None, None], null, ctx).to(device)  # dropped prompts -> the unconditional text
-        t = sample_t(grid, cfg.batch_size, n_blocks, fpb, data_gen, device)  # (B, F)
-        eps = torch.randn(x0.shape, generator=noise_gen).to(device)
+        t = part(sample_t(grid, cfg.batch_size, n_blocks, fpb, data_gen, device))  # (B, F)
+        eps = part.randn(x0.shape, generator=noise_gen).to(device)
         x0 = x0.to(device)
         if cfg.phase == "base":
             path_kw = {}
@@ -363,13 +368,15 @@ def train(cfg):
         opt.step()
         ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)))  # warmup: short runs forget the init
         step += 1
-        history.append(loss.item())
+        history.append(mean_over_processes(loss.item(), part))  # the global batch's loss
         pbar.update(1)
         pbar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
 
         if data.is_toy and step % cfg.eval_every == 0 and step < steps:  # progress: a GIF of the EMA model
             clips, eval_p, acts = generate(ema, cfg, 18, seed=1234, text=data.text)  # 18 clips: rough metrics, cheap
-            tqdm.write(f"step {step} (18 clips): {metric_line(toy_data.evaluate(clips, eval_p, actions=acts))}  -> {write_gif(clips)}")
+            if part.rank == 0:
+                tqdm.write(f"step {step} (18 clips): {metric_line(toy_data.evaluate(clips, eval_p, actions=acts))}  "
+                           f"-> {write_gif(clips)}")
         if step % cfg.ckpt_every == 0 or step == steps:
             save()
     pbar.close()
@@ -378,21 +385,21 @@ def train(cfg):
     if not data.is_toy:  # Wan scale: no toy evaluator; sample the teacher with sample_stream.py
         minutes = (time.time() - t_start) / 60
         print(f"{name} | {step} steps, loss {sum(history[-50:]) / max(1, len(history[-50:])):.4f} | {minutes:.1f} min")
-        save_checkpoint(path, **{**load_checkpoint(path), "minutes": minutes})
+        on_main(part, lambda: save_checkpoint(path, **{**load_checkpoint(path), "minutes": minutes}))
         return {}
 
     # the closing evaluation: the EMA model's samples beside real clips of the same count
     trained = step_at_start < steps
     ckpt = load_checkpoint(path)
     minutes = (time.time() - t_start) / 60 if trained else ckpt.get("minutes", 0.0)
-    metrics, clips = report(ema, cfg, name, data.text, minutes)
+    metrics, clips = report(ema, cfg, name, data.text, minutes)  # every process samples (FSDP), process 0 writes
     if trained:
-        write_gif(clips)
+        on_main(part, lambda: write_gif(clips))
     if cfg.eval_clips != ckpt["config"]["eval_clips"]:  # a re-evaluation with another clip count: keep the record
         return metrics
-    save_checkpoint(path, **{**ckpt, "metrics": metrics, "minutes": minutes})
+    on_main(part, lambda: save_checkpoint(path, **{**ckpt, "metrics": metrics, "minutes": minutes}))
     if cfg.ship:
-        ship(path)
+        on_main(part, lambda: ship(path))
     return metrics
 
 

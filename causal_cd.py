@@ -40,8 +40,9 @@ import ar_teacher
 import toy_data
 from model import (ModelConfig, add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint,
                    parse_config, pick_device, run_main, save_run, start_run, timestep_grid, x0_from_v)
-from wan_scale import (ScaleOptions, check_actions, dry_run, limit_memory, make_optimizer, open_data, prepare,
-                       report_memory, run_flags)
+from wan_scale import (ScaleOptions, check_actions, dry_run, limit_memory, load_whole, load_whole_optimizer,
+                       make_optimizer, mean_over_processes, on_main, open_data, prepare, report_memory, run_flags,
+                       shard, start_distributed, whole)
 from sample_stream import cfg_velocity, toy_few_step_report
 
 
@@ -68,14 +69,16 @@ def checkpoint_path(cfg):
     return os.path.join(cfg.out_dir, f"causal_cd{suffix}.pt")
 
 
-def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per_block, generator, actions=None):
+def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per_block, generator, actions=None,
+            part=None):
     """One causal consistency-distillation loss on a batch of ground-truth clips x0 (B, F, C, H, W) [and a world
-    model's actions (B, F): every network hears frame i's action with frame i]."""
+    model's actions (B, F): every network hears frame i's action with frame i]. part: under torchrun, this
+    process's rows of the global batch (wan_scale.Part), so the noise is the global batch's."""
     B, nF = x0.shape[:2]
     n = int(torch.randint(0, len(grid) - 1, (1,), generator=generator))  # U{0..46}: adjacent pair (n, n+1)
     t, t_next = float(grid[n]), float(grid[n + 1])
     tt, tt_next = torch.full((B, nF), t, device=x0.device), torch.full((B, nF), t_next, device=x0.device)
-    eps = torch.randn(x0.shape, generator=generator).to(x0.device)
+    eps = (part.randn if part else torch.randn)(x0.shape, generator=generator).to(x0.device)
     x_t = add_noise(x0, eps, t)  # x_t = (1 - s) x0 + s eps
     tf = dict(clean=x0, frames_per_block=frames_per_block, actions=actions)  # every network: the ground-truth past
     with torch.no_grad():
@@ -100,9 +103,10 @@ def train(cfg):
     if cfg.dry_run:  # the plan of one training step, before anything is loaded
         return dry_run("cd", cfg, cfg.batch_size, cfg.frames_per_block)
     t_start = time.time()
-    device = pick_device(cfg.device)
+    part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
+    part.check(cfg.batch_size)
     if cfg.toy:
         ensure_teachers(cfg)
     teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
@@ -111,12 +115,14 @@ def train(cfg):
     teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
     student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)  # the target network
+    teacher, student, ema = shard(teacher, part), shard(student, part, cfg.optimizer), shard(ema, part)  # torchrun
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], checkpoint_path(cfg)
     src, ckpt = start_run(path, cfg.resume, "causal_cd", "python causal_cd.py" + run_flags(cfg))
     if ckpt is not None:
-        student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        load_whole(student, ckpt["model"]), load_whole(ema, ckpt["ema"])  # any N resumes any N's run
+        load_whole_optimizer(opt, ckpt["optimizer"])
         data_gen.set_state(ckpt["data_gen"])
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {src} at step {step}")
@@ -124,27 +130,28 @@ def train(cfg):
     grid = timestep_grid(48, teacher.cfg.shift)
 
     def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
-        save_run(path, finished, stage="causal_cd", model_config=teacher_ckpt["model_config"], config=asdict(cfg),
-                        model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict(),
-                        data_gen=data_gen.get_state(), step=step, history=history, **extra)
+        states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()))
+        on_main(part, lambda: save_run(path, finished, stage="causal_cd", model_config=teacher_ckpt["model_config"],
+                                       config=asdict(cfg), **states, data_gen=data_gen.get_state(), step=step,
+                                       history=history, **extra))
 
     t_cd = time.time()
-    pbar = tqdm(total=cfg.steps, initial=step, desc="causal CD", dynamic_ncols=True)
+    pbar = tqdm(total=cfg.steps, initial=step, desc="causal CD", dynamic_ncols=True, disable=part.rank > 0)
     while step < cfg.steps:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        x0, ctx, null, _, actions = data.batch(cfg.batch_size, generator=data_gen)
+        x0, ctx, null, _, actions = map(part, data.batch(cfg.batch_size, generator=data_gen))  # torchrun: own rows
         ctx, null = ctx.to(device), null.to(device)
         with autocast(device, student):
             loss = cd_loss(student, ema, teacher, x0.to(device), ctx, null, grid, cfg.guidance,
-                           cfg.frames_per_block, data_gen, None if actions is None else actions.to(device))
+                           cfg.frames_per_block, data_gen, None if actions is None else actions.to(device), part)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema_update(ema, student, cfg.ema_decay)  # the target network: decay 0.99 from step 0 (official)
         step += 1
-        history.append(loss.item())
+        history.append(mean_over_processes(loss.item(), part))  # the global batch's loss
         pbar.update(1)
         pbar.set_postfix(loss=f"{sum(history[-20:]) / len(history[-20:]):.5f}")
         if step % cfg.ckpt_every == 0:
@@ -158,7 +165,8 @@ def train(cfg):
         save(finished=True, minutes=cd_minutes)
         return {}
 
-    metrics = toy_few_step_report(ema, "causal_cd", cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
+    metrics = toy_few_step_report(ema, "causal_cd", cfg.eval_clips, cfg.frames_per_block, cfg.out_dir,
+                                  write_gif=part.rank == 0)
     real = toy_data.real_metrics(cfg.eval_clips, seed=0, actions=cfg.actions)
     print(f"real clips        | {toy_data.metric_line(real)}")
     print(f"causal_cd: CD {cd_minutes:.1f} min, 0 bytes of trajectories stored; total {(time.time() - t_start) / 60:.1f} "

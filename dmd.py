@@ -68,8 +68,9 @@ import ode_init
 import toy_data
 from model import (ConfigError, add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
                    pick_device, run_main, save_run, shift_sigma, start_run, warped_steps, x0_from_v)
-from wan_scale import (ScaleOptions, dry_run, limit_memory, make_optimizer, open_data, prepare, report_memory,
-                       run_flags)
+from wan_scale import (ScaleOptions, dry_run, limit_memory, load_whole, load_whole_optimizer, make_optimizer,
+                       mean_over_processes, on_main, open_data, prepare, report_memory, run_flags, shard,
+                       start_distributed, whole)
 from sample_stream import (cfg_velocity, exposure_line, sample_stream, stream_speed, toy_exposure_report,
                            toy_few_step_samples)
 
@@ -142,14 +143,14 @@ def step_lists(num_steps, frames_per_block, shift):
 # The three pieces: rollout, DMD loss, critic loss
 
 
-def rollout(generator, noise, ctx, steps, first_steps, frames_per_block, gen, actions=None):
+def rollout(generator, noise, ctx, steps, first_steps, frames_per_block, gen, actions=None, part=None):
     """Self-rollout with one random exit step index shared by all blocks (and one for block 0's own list).
     Gradient flows only through the exit steps (sample_stream runs everything else without grad). A world model
     takes each block's actions as it generates it."""
     exit_step = int(torch.randint(0, len(steps), (1,), generator=gen))
     exit_first = int(torch.randint(0, len(first_steps), (1,), generator=gen)) if first_steps else None
     return sample_stream(generator, noise, ctx, steps, frames_per_block, first_steps, generator=gen,
-                         exit_step=exit_step, exit_step_first=exit_first, actions=actions)
+                         exit_step=exit_step, exit_step_first=exit_first, actions=actions, part=part)
 
 
 def sample_dmd_t(batch, shift, min_t, max_t, gen):
@@ -185,9 +186,10 @@ def train(cfg):
     if cfg.dry_run:  # the plan of one generator + critic update, before anything is loaded
         return dry_run("dmd", cfg, cfg.batch_size, cfg.frames_per_block, ema=cfg.ema_start > 0)
     t_start = time.time()
-    device = pick_device(cfg.device)
+    part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
+    part.check(cfg.batch_size)
     if cfg.num_steps not in (1, 2, 4):
         raise ConfigError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
     if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
@@ -205,7 +207,11 @@ def train(cfg):
         real = toy_data.ExactScore()
     critic.train().requires_grad_(True)
     generator = prepare(generator, cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
-    ema = None  # created at ema_start (official: EMA from step 200)
+    ema_model = copy.deepcopy(generator).eval().requires_grad_(False)  # the EMA's weights, set at ema_start
+    generator, critic, ema_model = (shard(m, part, cfg.optimizer) for m in (generator, critic, ema_model))
+    if not isinstance(real, toy_data.ExactScore):
+        real = shard(real, part)  # FSDP2 under torchrun (the frozen real score too); else all unchanged
+    ema = None  # becomes ema_model at ema_start (official: EMA from step 200)
     opt_g = make_optimizer(generator.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.01)
     opt_c = make_optimizer(critic.parameters(), cfg.optimizer, cfg.lr_critic, (0.0, 0.999), 0.01)
     gen = torch.Generator().manual_seed(cfg.seed)  # prompts, noise, exit steps, DMD timesteps
@@ -223,11 +229,11 @@ def train(cfg):
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in keep and saved[k] != v}
         if differ:
             raise ConfigError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
-        generator.load_state_dict(ckpt["model"]), critic.load_state_dict(ckpt["critic"])
-        opt_g.load_state_dict(ckpt["optimizer"]), opt_c.load_state_dict(ckpt["optimizer_critic"])
+        load_whole(generator, ckpt["model"]), load_whole(critic, ckpt["critic"])  # any N resumes any N's run
+        load_whole_optimizer(opt_g, ckpt["optimizer"]), load_whole_optimizer(opt_c, ckpt["optimizer_critic"])
         if ckpt["ema_started"]:
-            ema = copy.deepcopy(generator).eval().requires_grad_(False)
-            ema.load_state_dict(ckpt["ema"])
+            ema = ema_model
+            load_whole(ema, ckpt["ema"])
         gen.set_state(ckpt["rng"])
         it, log = ckpt["iteration"], ckpt["log"]
         print(f"resumed {src} at generator update {it // cfg.critic_ratio}")
@@ -236,19 +242,20 @@ def train(cfg):
     print(cfg)
 
     def batch():  # prompts (and actions) only: the clips DMD trains on are the generator's own rollouts
-        ctx, null, _, actions = data.texts(cfg.batch_size, generator=gen)
-        noise = torch.randn(cfg.batch_size, n_frames, data.channels, H, W, generator=gen)
+        ctx, null, _, actions = map(part, data.texts(cfg.batch_size, generator=gen))  # torchrun: own rows
+        noise = part.randn((cfg.batch_size // part.world, n_frames, data.channels, H, W), generator=gen)
         return ctx.to(device), null.to(device), noise.to(device), None if actions is None else actions.to(device)
 
     def dmd_t_eps(like):
-        t = sample_dmd_t(like.shape[0], shift, cfg.min_t, cfg.max_t, gen).to(device)
-        return t, torch.randn(like.shape, generator=gen).to(device)
+        t = part(sample_dmd_t(cfg.batch_size, shift, cfg.min_t, cfg.max_t, gen)).to(device)
+        return t, part.randn(like.shape, generator=gen).to(device)
 
     def save(finished=False):  # unfinished: X.partial.pt (model.save_run)
-        save_run(path, finished, stage="dmd", model_config=init_ckpt["model_config"], config=asdict(cfg),
-                        model=generator.state_dict(), ema=(ema or generator).state_dict(), ema_started=ema is not None,
-                        critic=critic.state_dict(), optimizer=opt_g.state_dict(), optimizer_critic=opt_c.state_dict(),
-                        rng=gen.get_state(), iteration=it, log=log)
+        states = whole(dict(model=generator.state_dict(), ema=(ema or generator).state_dict(), critic=critic.state_dict(),
+                            optimizer=opt_g.state_dict(), optimizer_critic=opt_c.state_dict()))  # every process
+        on_main(part, lambda: save_run(path, finished, stage="dmd", model_config=init_ckpt["model_config"],
+                                       config=asdict(cfg), **states, ema_started=ema is not None, rng=gen.get_state(),
+                                       iteration=it, log=log))
 
     def evaluate(tag):
         if not data.is_toy:  # Wan scale: no toy evaluator; the log keeps the losses
@@ -267,7 +274,7 @@ def train(cfg):
     def critic_update():
         ctx, _, noise, actions = batch()
         with torch.no_grad(), autocast(device, generator):
-            x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen, actions)
+            x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen, actions, part)
         t, eps = dmd_t_eps(x)
         with autocast(device, critic):
             loss_c = critic_loss(critic, x, ctx, t, eps, actions)
@@ -275,7 +282,7 @@ def train(cfg):
         loss_c.backward()
         torch.nn.utils.clip_grad_norm_(critic.parameters(), 10.0)
         opt_c.step()
-        return loss_c.item()
+        return mean_over_processes(loss_c.item(), part)
 
     total = cfg.gen_updates * cfg.critic_ratio
     if it == 0:
@@ -285,13 +292,13 @@ def train(cfg):
             tqdm.write(f"critic warm-up: {cfg.critic_warmup} updates, loss {losses[0]:.3f} -> "
                        f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     pbar = tqdm(total=cfg.gen_updates, initial=it // cfg.critic_ratio, desc=f"DMD {cfg.init} {cfg.num_steps}-step",
-                dynamic_ncols=True)
+                dynamic_ncols=True, disable=part.rank > 0)
     stats = {}
     while it < total:
         if it % cfg.critic_ratio == 0:  # ---- generator update: rollout with grad at the exit steps, DMD loss
             ctx, null, noise, actions = batch()
             with autocast(device, generator):
-                x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen, actions)
+                x = rollout(generator, noise, ctx, steps, first_steps, cfg.frames_per_block, gen, actions, part)
                 t, eps = dmd_t_eps(x)
                 loss_g, g_abs = dmd_loss(x, real, critic, ctx, null, cfg.real_guidance, t, eps, actions)
             opt_g.zero_grad(set_to_none=True)
@@ -300,10 +307,11 @@ def train(cfg):
             opt_g.step()
             update = it // cfg.critic_ratio + 1
             if update == cfg.ema_start and ema is None:
-                ema = copy.deepcopy(generator).eval().requires_grad_(False)
+                ema = ema_model
+                ema.load_state_dict(generator.state_dict())  # the EMA starts from the generator of this update
             elif ema is not None:
                 ema_update(ema, generator, cfg.ema_decay)
-            stats.update(loss_g=loss_g.item(), g=g_abs)
+            stats.update(loss_g=mean_over_processes(loss_g.item(), part), g=mean_over_processes(g_abs, part))
 
         # ---- critic update (every iteration): flow matching on a fresh rollout made without grad
         stats["loss_critic"] = critic_update()
@@ -332,9 +340,9 @@ def train(cfg):
                                              first_block_4step=first_steps is not None)
     gif = os.path.join(cfg.out_dir, "samples", os.path.basename(path).replace(".pt", ".gif"))
     os.makedirs(os.path.dirname(gif), exist_ok=True)
-    toy_data.save_video(gif, clips, ncols=9, labels=prompts,
-                        title=f"DMD from {cfg.init}, {cfg.num_steps}-step"
-                              f"{' (block 0: 4-step)' if first_steps else ''}, {cfg.gen_updates} generator updates")
+    on_main(part, lambda: toy_data.save_video(
+        gif, clips, ncols=9, labels=prompts, title=f"DMD from {cfg.init}, {cfg.num_steps}-step"
+        f"{' (block 0: 4-step)' if first_steps else ''}, {cfg.gen_updates} generator updates"))
     metrics = {k: log[-1][k] for k in ((*METRICS, "action_acc", "response") if cfg.actions else
                                        (*METRICS, "next_off", "own_off", "gap", "area"))}
     print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}, samples {gif}")

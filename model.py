@@ -336,7 +336,12 @@ class Block(nn.Module):
         m0, m1, m2, m3, m4, m5 = (self.modulation.unsqueeze(0) + e0).chunk(6, dim=2)  # each (B, F, 1, D)
         y = self.self_attn(modulate(self.norm1(x), m0, m1, nF), cos, sin, blocks, cache, layer)
         x = x + gate(y.float(), m2, nF)
-        cross_kv = cache.cross_kv[layer] if context is None else None
+        cross_kv = None
+        if context is None:  # cached text K/V: computed here, on this block's first call under a prompt (under FSDP
+            if cache.cross_kv[layer] is None:  # a block's weights are whole only inside its own forward)
+                with torch.no_grad():
+                    cache.cross_kv[layer] = self.cross_attn.text_kv(cache.text)
+            cross_kv = cache.cross_kv[layer]
         x = x + self.cross_attn(self.norm3(x), context, cross_kv).float()
         y = self.ffn(modulate(self.norm2(x), m3, m4, nF))
         return x + gate(y.float(), m5, nF)
@@ -384,7 +389,7 @@ class KVCache:
         self.num_slots = max_frames if window is None else sink + window
         self.k = self.v = None
         self.slot_frame = torch.full((self.num_slots,), -1, dtype=torch.long)  # absolute frame held by each slot
-        self.cross_kv, self.context = None, None
+        self.cross_kv, self.context, self.text = None, None, None  # the prompt, its embedding, per-layer K/V
 
     def slot_of(self, frame):
         if self.window is None or frame < self.sink:
@@ -572,10 +577,10 @@ class DiT(nn.Module):
         elif cache is not None:  # path 3
             cache.num_layers = self.cfg.num_layers
             cache.begin(start_frame, nF, tpf)
-            if cache.context is not context:  # a new prompt: compute its cross-attention K/V once
+            if cache.context is not context:  # a new prompt: its cross-attention K/V, once (each block fills its own)
                 with torch.no_grad():
-                    ctx = self.embed_text(context)
-                    cache.cross_kv = [blk.cross_attn.text_kv(ctx) for blk in self.blocks]
+                    cache.text = self.embed_text(context)
+                cache.cross_kv = [None] * self.cfg.num_layers
                 cache.context = context
         elif frames_per_block is not None:
             if nF % frames_per_block:

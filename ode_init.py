@@ -54,8 +54,9 @@ import toy_data
 from ar_teacher import load_base, load_teacher
 from model import (ConfigError, ModelConfig, autocast, ema_update, load_checkpoint, model_from_checkpoint,
                    parse_config, pick_device, run_main, save_checkpoint, save_run, start_run, warped_steps, x0_from_v)
-from wan_scale import (ScaleOptions, check_actions, dry_run, limit_memory, make_optimizer, open_data, prepare,
-                       report_memory, run_flags)
+from wan_scale import (Part, ScaleOptions, check_actions, dry_run, gather_rows, limit_memory, load_whole,
+                       load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
+                       report_memory, run_flags, shard, start_distributed, whole)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
 
@@ -144,10 +145,11 @@ def pair_metadata(cfg, teacher_ckpt):
                 model_config=teacher_ckpt["model_config"], stored=STORED)
 
 
-def make_pairs(cfg, teacher, teacher_ckpt, device):
+def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
     """Generate (or load) cfg.num_pairs ODE trajectories. Returns dict(x0, states, text, null, prompts, meta, bytes,
     seconds). They are held in memory and in one file: fine for the toy (tens of MiB); at Wan scale one pair is
-    ~50 MB in float32, so keep --num-pairs small there (the official data for Wan2.1 is 1,900 GiB in an LMDB)."""
+    ~50 MB in float32, so keep --num-pairs small there (the official data for Wan2.1 is 1,900 GiB in an LMDB).
+    Under torchrun each process computes its rows of every chunk and the chunk is gathered: the same pairs."""
     path = pairs_path(cfg)
     meta = pair_metadata(cfg, teacher_ckpt)
     if os.path.exists(path):
@@ -166,21 +168,22 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
     g = torch.Generator().manual_seed(cfg.seed + 100)
     x0_all, text_all, null_all, prompts, actions_all = data.batch(cfg.num_pairs, generator=g)
     eps_all = torch.randn(x0_all.shape, generator=g)
-    states, t0, bs = [], time.time(), 64 if data.is_toy else 1
-    for i in tqdm(range(0, cfg.num_pairs, bs), desc=f"ODE pairs ({cfg.teacher} teacher)"):
-        ctx, null = text_all[i:i + bs].to(device), null_all[i:i + bs].to(device)
-        eps, x0 = eps_all[i:i + bs].to(device), x0_all[i:i + bs].to(device)
-        a = None if actions_all is None else actions_all[i:i + bs].to(device)
+    states, t0, bs = [], time.time(), (64 if data.is_toy else 1) * part.world
+    if cfg.num_pairs % part.world:
+        raise ConfigError(f"--num-pairs {cfg.num_pairs} must be a multiple of the {part.world} processes")
+    rows = lambda x: None if x is None else part(x[i:i + bs]).to(device)  # this process's rows of the chunk
+    for i in tqdm(range(0, cfg.num_pairs, bs), desc=f"ODE pairs ({cfg.teacher} teacher)", disable=part.rank > 0):
+        ctx, null, eps, x0, a = (rows(v) for v in (text_all, null_all, eps_all, x0_all, actions_all))
         with autocast(device, teacher):
             if cfg.teacher == "ar":
                 s = causal_ode_trajectory(teacher, x0, eps, ctx, null, cfg.guidance, cfg.frames_per_block, a)
             else:
                 s = bidirectional_ode_trajectory(teacher, eps, ctx, null, cfg.guidance, a)
-        states.append(s.float().cpu())
+        states.append(gather_rows(s.float().cpu(), part))
     pairs = dict(x0=x0_all, states=torch.cat(states), text=text_all, null=null_all, prompts=prompts, meta=meta,
                  actions=actions_all, seconds=time.time() - t0)
     pairs["bytes"] = pairs["states"].numel() * 4 + (x0_all.numel() * 4 if cfg.teacher == "ar" else 0)
-    save_checkpoint(path, **pairs)
+    on_main(part, lambda: save_checkpoint(path, **pairs))
     print(f"{cfg.num_pairs} ODE pairs: {pairs['bytes'] / 2 ** 20:.1f} MiB stored, {pairs['seconds']:.0f} s -> {path}")
     return pairs
 
@@ -190,7 +193,7 @@ def make_pairs(cfg, teacher, teacher_ckpt, device):
 
 
 def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shift, generator, noisy_prefix=False,
-                        actions=None):
+                        actions=None, part=Part()):
     """MSE between the student's x0 prediction at a stored trajectory point and the ODE endpoint.
     ar:            one k ~ U{0..3} for all frames; input states[k] at t_k with the ground-truth clean context
                    (Causal Forcing trainer/ode.py, uniform_timestep).
@@ -205,7 +208,7 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
     t_list = torch.tensor(warped_steps(4, shift) + [0.0])  # = 48-grid points 0/12/24/36, then the endpoint t = 0
     n_blocks = nF // frames_per_block
     n_points = 4 if teacher_kind == "ar" or noisy_prefix else 5
-    k = torch.randint(0, n_points, (B, 1 if teacher_kind == "ar" else n_blocks), generator=generator)
+    k = part(torch.randint(0, n_points, (B * part.world, 1 if teacher_kind == "ar" else n_blocks), generator=generator))
     k = k.expand(B, n_blocks).repeat_interleave(frames_per_block, dim=1)  # (B, F)
     x_in = states[torch.arange(B)[:, None], k, torch.arange(nF)[None]]  # (B, F, C, H, W)
     t = t_list[k].to(x_in.device)  # (B, F)
@@ -225,28 +228,31 @@ def train(cfg):
         raise ConfigError(f"--teacher must be 'ar' or 'bidirectional' (got {cfg.teacher!r})")
     if cfg.dry_run:  # the plan of one student step (pair generation needs less: no grads), nothing loaded
         return dry_run("ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
-    device = pick_device(cfg.device)
+    part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
+    part.check(cfg.batch_size)
     if cfg.teacher == "ar":
         teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
                                              actions=cfg.actions)
     else:  # the bidirectional base: the toy's, or Wan2.1 with --init-weights
         teacher, teacher_ckpt = load_base(cfg, device=device)
     teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
-    t_start = time.time()
-    pairs = make_pairs(cfg, teacher, teacher_ckpt, device)
     student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing)  # init: the teacher itself
     student.train().requires_grad_(True)
-    del teacher
     ema = copy.deepcopy(student).eval().requires_grad_(False)
+    teacher, student, ema = shard(teacher, part), shard(student, part, cfg.optimizer), shard(ema, part)  # torchrun
+    t_start = time.time()
+    pairs = make_pairs(cfg, teacher, teacher_ckpt, device, part)
+    del teacher
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), 0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], student_path(cfg)
     name = os.path.basename(path)[:-3]  # causal_ode, bidirectional_ode, bidirectional_ode_noisy_prefix, ...
     src, ckpt = start_run(path, cfg.resume, stage_name(cfg.teacher), make_command(cfg))
     if ckpt is not None:
-        student.load_state_dict(ckpt["model"]), ema.load_state_dict(ckpt["ema"]), opt.load_state_dict(ckpt["optimizer"])
+        load_whole(student, ckpt["model"]), load_whole(ema, ckpt["ema"])  # any N resumes any N's run
+        load_whole_optimizer(opt, ckpt["optimizer"])
         gen.set_state(ckpt["gen"])
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {src} at step {step}")
@@ -254,29 +260,31 @@ def train(cfg):
     ctx_all = pairs["text"]
 
     def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
-        save_run(path, finished, stage=stage_name(cfg.teacher), model_config=teacher_ckpt["model_config"],
-                        config=asdict(cfg), model=student.state_dict(), ema=ema.state_dict(),
-                        optimizer=opt.state_dict(), gen=gen.get_state(), step=step, history=history,
-                        pair_bytes=pairs["bytes"], pair_seconds=pairs["seconds"], **extra)
+        states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()))
+        on_main(part, lambda: save_run(path, finished, stage=stage_name(cfg.teacher),
+                                       model_config=teacher_ckpt["model_config"], config=asdict(cfg), **states,
+                                       gen=gen.get_state(), step=step, history=history, pair_bytes=pairs["bytes"],
+                                       pair_seconds=pairs["seconds"], **extra))
 
-    pbar = tqdm(total=cfg.steps, initial=step, desc=name, dynamic_ncols=True)
+    pbar = tqdm(total=cfg.steps, initial=step, desc=name, dynamic_ncols=True, disable=part.rank > 0)
     while step < cfg.steps:
         frac = min(1.0, (step + 1) / cfg.warmup)
         for group in opt.param_groups:
             group["lr"] = cfg.lr * frac
-        idx = torch.randint(0, len(pairs["x0"]), (cfg.batch_size,), generator=gen)
+        idx = part(torch.randint(0, len(pairs["x0"]), (cfg.batch_size,), generator=gen))  # torchrun: own rows
         batch = (pairs["states"][idx].to(device), pairs["x0"][idx].to(device))
         with autocast(device, student):
             loss = ode_regression_loss(student, batch, ctx_all[idx].to(device), cfg.teacher, cfg.frames_per_block,
                                        student.cfg.shift, gen, noisy_prefix=cfg.noisy_prefix,
-                                       actions=None if pairs["actions"] is None else pairs["actions"][idx].to(device))
+                                       actions=None if pairs["actions"] is None else pairs["actions"][idx].to(device),
+                                       part=part)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         opt.step()
         ema_update(ema, student, min(cfg.ema_decay, (1 + step) / (10 + step)))
         step += 1
-        history.append(loss.item())
+        history.append(mean_over_processes(loss.item(), part))  # the global batch's loss
         pbar.update(1)
         pbar.set_postfix(loss=f"{sum(history[-50:]) / len(history[-50:]):.4f}")
         if step % cfg.ckpt_every == 0:
@@ -289,7 +297,8 @@ def train(cfg):
               f"({pairs['bytes'] / 2 ** 20:.1f} MiB stored) -> {path}")
         save(finished=True, minutes=minutes)
         return {}
-    metrics = toy_few_step_report(ema, name, cfg.eval_clips, cfg.frames_per_block, cfg.out_dir)
+    metrics = toy_few_step_report(ema, name, cfg.eval_clips, cfg.frames_per_block, cfg.out_dir,
+                                  write_gif=part.rank == 0)
     minutes = (time.time() - t_start) / 60
     made = "read from an earlier run, which made them in" if pairs.get("loaded") else "including pairs:"
     print(f"{name}: {minutes:.1f} min, ODE pairs {made} {pairs['seconds'] / 60:.1f} min, "

@@ -125,7 +125,7 @@ def sample_ar(model, noise, ctx, ctx_null=None, num_steps=48, guidance=1.0, fram
 
 
 def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_steps=None, generator=None,
-                  cache=None, start_frame=0, exit_step=None, exit_step_first=None, actions=None):
+                  cache=None, start_frame=0, exit_step=None, exit_step_first=None, actions=None, part=None):
     """Few-step inference of a distilled causal model (Self Forcing Alg. 2; Causal Forcing inference), and the
     generator rollout of DMD training (Self Forcing Alg. 1): one function, so training sees exactly what
     inference does.
@@ -143,7 +143,8 @@ def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_step
     (the cache holds detached K/V). exit_step=None means the last step: plain inference.
     noise: (B, F, C, H, W); returns x0 (B, F, C, H, W). Pass a `cache` (and `start_frame`) to continue a stream.
     actions: a world model's (B, F) long, one per frame of `noise`: each block is generated, and refreshed, under
-    its own actions, as a player's key presses arrive block by block."""
+    its own actions, as a player's key presses arrive block by block. part: under torchrun, this process's rows of
+    DMD's global batch (wan_scale.Part): the re-noising draws the global batch's noise and keeps its rows."""
     B, nF = noise.shape[:2]
     if nF % frames_per_block:
         raise ConfigError(f"{nF} frames are not a whole number of {frames_per_block}-frame blocks")
@@ -162,7 +163,7 @@ def sample_stream(model, noise, ctx, steps, frames_per_block=1, first_block_step
             with torch.set_grad_enabled(grad and j == stop):  # only the exit step may carry gradient
                 x0_hat = x0_from_v(x, model(x, tt, ctx, cache=cache, start_frame=start_frame + s, actions=a), t)
             if j < stop:  # re-noise with fresh noise to the next step
-                eps = torch.randn(x.shape, generator=generator).to(x.device)
+                eps = (part.randn if part else torch.randn)(x.shape, generator=generator).to(x.device)
                 x = add_noise(x0_hat, eps, ts[j + 1])
         with torch.no_grad():  # the t = 0 refresh: clean K/V for every later block, no gradient across blocks
             model(x0_hat.detach(), torch.zeros(x.shape[:2], device=x.device), ctx, cache=cache,
@@ -246,7 +247,7 @@ def exposure_line(r):
             f"(gap {r['gap']:+.1%}) | area/frame {r['area']}")
 
 
-def toy_few_step_report(model, name, n, frames_per_block, out_dir):
+def toy_few_step_report(model, name, n, frames_per_block, out_dir, write_gif=True):
     """Every stage-2/3 student's closing report: 1-, 2- and 4-step samples from fixed noise, one evaluator line
     each, and a GIF of the 4-step clips in out_dir/samples/. Returns {steps: metrics}."""
     metrics = {}
@@ -254,10 +255,11 @@ def toy_few_step_report(model, name, n, frames_per_block, out_dir):
         clips, prompts, actions = toy_few_step_samples(model, n, n_steps, frames_per_block)
         metrics[n_steps] = toy_data.evaluate(clips, prompts, actions=actions)  # world model: + action accuracy
         print(f"{name} {n_steps}-step | {toy_data.metric_line(metrics[n_steps])}")
-    gif = os.path.join(out_dir, "samples", f"{name}_4step.gif")
-    os.makedirs(os.path.dirname(gif), exist_ok=True)
-    toy_data.save_video(gif, clips[:18], ncols=9, labels=prompts[:18], title=f"{name}, 4-step")
-    print(f"{name}: 4-step samples -> {gif}")
+    if write_gif:  # (under torchrun, process 0 only)
+        gif = os.path.join(out_dir, "samples", f"{name}_4step.gif")
+        os.makedirs(os.path.dirname(gif), exist_ok=True)
+        toy_data.save_video(gif, clips[:18], ncols=9, labels=prompts[:18], title=f"{name}, 4-step")
+        print(f"{name}: 4-step samples -> {gif}")
     return metrics
 
 

@@ -7,6 +7,7 @@ needs this file; read it after model.py and the stage scripts.
     ScaleOptions / open_data / wan_base  the options every stage script shares (--data / --model / --init-weights ...)
     LeanAdamW / prepare                  bf16 weights with a factored second moment and stochastic rounding
     plan_memory / dry_run / ...          the memory planner: what fits in 24 GB, before anything is allocated
+    Part / start_distributed / shard     torchrun + FSDP2: N processes, each a shard of the models and of the batch
     bench_wan / main_wan                 the streaming speed benchmark and streaming latents to MP4
 
 Commands (needs requirements-wan.txt): make a latent folder from videos (NAME.mp4) and their prompts (NAME.txt),
@@ -17,6 +18,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -683,6 +685,130 @@ def format_plan(stage, parts, cap_gib=24.0):
     body = ", ".join(f"{k} {gib(v)}" for k, v in parts.items() if k != "total")
     verdict = "fits" if parts["total"] <= cap_gib * 2 ** 30 else "does NOT fit"
     return f"{stage}: estimated peak {gib(parts['total'])} ({body}) -> {verdict} in {cap_gib:g} GiB"
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Past one GPU: torchrun + FSDP2. `torchrun --nproc_per_node N <stage>.py ...` starts N copies of a stage. Each
+# keeps a 1/N shard of every model (FSDP2's fully_shard, one unit per DiT block: a block's weights are gathered
+# just before it runs and freed after), computes its 1/N of every global batch, and the reduce-scatter of the
+# gradients averages them over the processes. Every process draws all the random numbers of the *global* batch
+# from the same generators and keeps its own rows (Part), so N processes compute what one does, to float error,
+# and a run can resume at another N: checkpoints hold whole tensors, written by process 0.
+
+
+@dataclass
+class Part:
+    """This process's share of every global batch: rows [rank * n / world, (rank + 1) * n / world). Part() is a
+    single process, for which every method is the identity."""
+    rank: int = 0
+    world: int = 1
+
+    def __call__(self, x):  # the own rows of a global-batch tensor or list (None passes through)
+        if self.world == 1 or x is None:
+            return x
+        n = len(x) // self.world
+        return x[self.rank * n:(self.rank + 1) * n]
+
+    def randn(self, shape, generator=None):  # shape: the own rows'. Drawn for the global batch, then the own rows:
+        return self(torch.randn((shape[0] * self.world, *shape[1:]), generator=generator))  # RNG in step with N = 1
+
+    def rand(self, n, generator=None):  # n: the own rows
+        return self(torch.rand(n * self.world, generator=generator))
+
+    def check(self, batch_size):
+        if batch_size % self.world:
+            raise ConfigError(f"--batch-size {batch_size} (the global batch) must be a multiple of the {self.world} "
+                              f"processes")
+        return batch_size // self.world  # this process's rows
+
+
+def start_distributed(device):
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, one GPU per process; gloo on CPU).
+    Returns (Part, device); a plain `python` run gets (Part(), device) and nothing else happens."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Part(), device
+    import torch.distributed as dist
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if dist.get_rank() > 0:  # process 0 prints for all (errors still reach stderr from every process)
+        sys.stdout = open(os.devnull, "w")
+    return Part(dist.get_rank(), world), device
+
+
+def on_main(part, write):
+    """Run `write` (a checkpoint or file write) on process 0 only, then wait for it in every process."""
+    if part.rank == 0:
+        write()
+    if part.world > 1:
+        torch.distributed.barrier()
+
+
+def shard(model, part, optimizer_name="adamw"):
+    """FSDP2 on a DiT: one unit per block, then the rest (patch/text/time embeddings and the head). Frozen models
+    (a teacher, the real score) are sharded the same way. Nothing happens for one process."""
+    if part.world == 1:
+        return model
+    if optimizer_name == "lean":
+        raise ConfigError("--optimizer lean factors the second moment over whole matrices; under FSDP each process "
+                          "holds a slice: use --optimizer adamw with torchrun (sharding divides its states by N)")
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def whole(state):
+    """A state dict (a model's or an optimizer's) with FSDP's shards (DTensor) gathered into whole tensors on the
+    CPU: what a checkpoint holds, whatever N wrote it. Collective: every process calls it. Identity-like for N = 1."""
+    from torch.distributed.tensor import DTensor
+    if isinstance(state, dict):
+        return {k: whole(v) for k, v in state.items()}
+    if isinstance(state, list):
+        return [whole(v) for v in state]
+    return state.full_tensor().cpu() if isinstance(state, DTensor) else state
+
+
+def load_whole(module, state):
+    """Load a checkpoint's whole tensors into a (possibly sharded) model: each process keeps its shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    live = module.state_dict()
+    module.load_state_dict({k: distribute_tensor(v.to(live[k].device), live[k].device_mesh, live[k].placements)
+                            if isinstance(live[k], DTensor) else v for k, v in state.items()})
+
+
+def load_whole_optimizer(opt, state):
+    """The optimizer's twin of load_whole: every per-parameter state tensor shaped like its parameter is sharded
+    like it (the states are keyed by the parameter's position, the same at every N)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    params = [p for group in opt.param_groups for p in group["params"]]
+    shard_like = lambda v, p: distribute_tensor(v.to(p.device), p.device_mesh, p.placements) \
+        if isinstance(p, DTensor) and torch.is_tensor(v) and v.shape == p.shape else v
+    opt.load_state_dict({**state, "state": {i: {k: shard_like(v, params[int(i)]) for k, v in s.items()}
+                                            for i, s in state["state"].items()}})
+
+
+def gather_rows(x, part):
+    """The inverse of Part: every process's rows of a chunk, in rank order, gathered into the whole chunk."""
+    if part.world == 1:
+        return x
+    import torch.distributed as dist
+    out = [torch.empty_like(x) for _ in range(part.world)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+def mean_over_processes(x, part):
+    """A float averaged over the processes (a loss to log): every process gets the same number."""
+    if part.world == 1:
+        return x
+    import torch.distributed as dist
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    dist.all_reduce(t)
+    return t.item() / part.world
 
 
 # -----------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Mutant = namedtuple("Mutant", "name file original replacement tests")
 
 L, R, E, W = "tests/test_losses.py", "tests/test_resume.py", "tests/test_equivalences.py", "tests/test_world.py"
+D = "tests/test_distributed.py"
 
 MUTANTS = [
     # --- the losses -------------------------------------------------------------------------------------------
@@ -91,16 +92,16 @@ MUTANTS = [
     Mutant("dmd_critic_from_generator", "dmd.py", "critic = prepare(copy.deepcopy(real),",
            "critic = prepare(copy.deepcopy(generator),", [R]),
     # --- resume -----------------------------------------------------------------------------------------------
-    Mutant("ar_resume_no_ema", "ar_teacher.py", "ema.load_state_dict(ckpt[\"ema\"])", "None", [R]),
+    Mutant("ar_resume_no_ema", "ar_teacher.py", "load_whole(ema, ckpt[\"ema\"])", "None", [R]),
     Mutant("ar_resume_no_noise_rng", "ar_teacher.py", "noise_gen.set_state(ckpt[\"noise_gen\"])", "None", [R]),
     Mutant("ode_resume_no_rng", "ode_init.py", "gen.set_state(ckpt[\"gen\"])", "None", [R]),
     Mutant("cd_resume_no_rng", "causal_cd.py", "data_gen.set_state(ckpt[\"data_gen\"])", "None", [R]),
     Mutant("cd_resume_no_ema", "causal_cd.py",
-           "student.load_state_dict(ckpt[\"model\"]), ema.load_state_dict(ckpt[\"ema\"])",
-           "student.load_state_dict(ckpt[\"model\"])", [R]),
-    Mutant("dmd_resume_no_critic_optimizer", "dmd.py", ", opt_c.load_state_dict(ckpt[\"optimizer_critic\"])", "",
+           "load_whole(student, ckpt[\"model\"]), load_whole(ema, ckpt[\"ema\"])",
+           "load_whole(student, ckpt[\"model\"])", [R]),
+    Mutant("dmd_resume_no_critic_optimizer", "dmd.py", ", load_whole_optimizer(opt_c, ckpt[\"optimizer_critic\"])", "",
            [R]),
-    Mutant("dmd_resume_no_ema", "dmd.py", "ema.load_state_dict(ckpt[\"ema\"])", "None", [R]),
+    Mutant("dmd_resume_no_ema", "dmd.py", "load_whole(ema, ckpt[\"ema\"])", "None", [R]),
     Mutant("dmd_resume_no_rng", "dmd.py", "gen.set_state(ckpt[\"rng\"])", "None", [R]),
     # --- sampling, I2V, evaluator, speed ----------------------------------------------------------------------
     Mutant("stream_no_refresh", "sample_stream.py", "model(x0_hat.detach(), torch.zeros(",
@@ -149,6 +150,14 @@ MUTANTS = [
     Mutant("keys_steer_swaps_axes", "sample_stream.py",
            "v, h = (key, h) if key in (\"up\", \"down\") else (v, key)",
            "v, h = (v, key) if key in (\"up\", \"down\") else (key, h)", [W]),
+    # --- torchrun + FSDP2: N processes compute what one does ------------------------------------------------------
+    Mutant("fsdp_noise_drawn_per_process", "wan_scale.py",
+           "return self(torch.randn((shape[0] * self.world, *shape[1:]), generator=generator))",
+           "return torch.randn(shape, generator=generator)", [D]),
+    Mutant("fsdp_every_process_takes_the_first_rows", "wan_scale.py",
+           "return x[self.rank * n:(self.rank + 1) * n]", "return x[:n]", [D]),
+    Mutant("fsdp_loss_logged_for_process_0_only", "ar_teacher.py",
+           "history.append(mean_over_processes(loss.item(), part))", "history.append(loss.item())", [D]),
     # --- the bidirectional-ODE recipe and the exposure-bias / exact-denoiser measurements ------------------------
     Mutant("ode_bidir_loss_not_masked", "ode_init.py", "return (x0_hat[mask] - states[:, -1][mask]).pow(2).mean()",
            "return (x0_hat - states[:, -1]).pow(2).mean()", ["tests/test_stage2.py"]),
