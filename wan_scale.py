@@ -234,6 +234,7 @@ class ScaleOptions:
     clip_frames: int = 0  # train on the first N latent frames of each clip of a latent folder (0 = all): 9 of the
     # 21 of an 81-frame 480x832 clip fit stages 1-3 in 24 GiB (README, "Wan scale")
     memory_cap_gib: float = 24.0  # GPU memory this process may use (0 = all) and the plan is checked against
+    gpus: int = 0  # --dry-run: plan one GPU of a torchrun run on N GPUs (0: torchrun's WORLD_SIZE, else 1)
     actions: bool = False  # the action-conditioned world model (toy only, Causal Forcing++ §3.3): every stage
     # trains and samples with per-frame actions; its checkpoints live in checkpoints/world/ unless --out-dir says
 
@@ -563,12 +564,15 @@ def kv_cache_bytes(cfg, batch, frames, tokens_per_frame, act_bytes):
 
 
 def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype="float32", optimizer="adamw",
-                grad_checkpointing=False, ema=True, act_dtype=None, momentum=False):
+                grad_checkpointing=False, ema=True, act_dtype=None, momentum=False, gpus=1):
     """Estimated peak memory of one training step of a stage, in bytes, by part. Nothing is allocated.
     stage: 'base' (stage 0, bidirectional), 'ar' (teacher forcing, stage 1) and 'ode' (stage 2a student), 'cd'
     (stage 2b: + frozen teacher + EMA target), 'dmd' (stage 3: generator + critic trainable, frozen real score),
     'stream' (inference).
-    act_dtype: the compute dtype of activations (bfloat16 under CUDA autocast, float32 on CPU)."""
+    act_dtype: the compute dtype of activations (bfloat16 under CUDA autocast, float32 on CPU).
+    gpus > 1: one GPU of a torchrun + FSDP2 run: weights, gradients and optimizer states divided by N, activations
+    for batch / N clips, plus two blocks gathered whole at a time (the running one and the next, prefetched)."""
+    batch = max(1, batch // gpus)  # this GPU's clips
     pb = DTYPES[param_dtype].itemsize
     ab = (DTYPES[act_dtype] if act_dtype else torch.float32).itemsize
     n_params = sum(math.prod(s) for s in _param_shapes(cfg))
@@ -601,6 +605,11 @@ def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype
     else:
         raise ConfigError(f"unknown stage {stage!r}")
     parts["inputs"] = io
+    if gpus > 1:
+        for k in ("weights", "grads", "optimizer"):
+            if k in parts:
+                parts[k] = -(-parts[k] // gpus)
+        parts["gathered_blocks"] = 2 * sum(math.prod(s) for s in _param_shapes(cfg, blocks_only=True)) // cfg.num_layers * pb
     parts["total"] = sum(parts.values())
     return parts
 
@@ -619,9 +628,10 @@ def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
     else:
         frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len, opts.clip_frames or None).shape
     act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"
+    gpus = opts.gpus or int(os.environ.get("WORLD_SIZE", "1"))
     parts = plan_memory(stage, cfg, batch, frames, H, W, frames_per_block, opts.param_dtype, opts.optimizer,
-                        opts.grad_checkpointing, ema=ema, act_dtype=act, momentum=momentum)
-    what = (f"{opts.model}, batch {batch}, clips of {frames} x {H} x {W} "
+                        opts.grad_checkpointing, ema=ema, act_dtype=act, momentum=momentum, gpus=gpus)
+    what = ((f"one GPU of {gpus} (FSDP2), " if gpus > 1 else "") + f"{opts.model}, batch {batch}, clips of {frames} x {H} x {W} "
             f"({frames * (H // cfg.patch[1]) * (W // cfg.patch[2])} tokens), weights {opts.param_dtype}, activations "
             f"{act}, optimizer {opts.optimizer}, gradient checkpointing {'on' if opts.grad_checkpointing else 'off'}")
     return parts, what
@@ -662,9 +672,10 @@ def report_memory(device, stage, opts, batch, frames_per_block=1, ema=True, mome
     return peak
 
 
-def _param_shapes(cfg):
+def _param_shapes(cfg, blocks_only=False):
     with torch.device("meta"):  # shapes only: a 14B model costs nothing here
-        return [tuple(p.shape) for p in DiT(cfg).parameters()]
+        model = DiT(cfg)
+        return [tuple(p.shape) for p in (model.blocks if blocks_only else model).parameters()]
 
 
 def _optimizer_bytes_from_shapes(cfg, name, param_bytes, momentum):
