@@ -269,7 +269,7 @@ def train(cfg):
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     path = checkpoint_path(cfg)
-    part.check(cfg.batch_size)
+    part.check(cfg)
 
     # the model: a fresh toy DiT for the base; the base's EMA weights (or Wan2.1's) for the AR teacher
     if cfg.phase == "base":
@@ -289,7 +289,7 @@ def train(cfg):
         raise ConfigError(f"--frames-per-block {cfg.frames_per_block} must divide the {n_frames} frames of a clip")
     model = prepare(model, cfg.param_dtype, cfg.grad_checkpointing).to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    model, ema = shard(model, part, cfg.optimizer), shard(ema, part)  # FSDP2 under torchrun; else unchanged
+    model, ema = shard(model, part), shard(ema, part)  # FSDP2 under torchrun; else unchanged
     opt = make_optimizer(model.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), cfg.weight_decay)
     data_gen = torch.Generator().manual_seed(cfg.seed)  # clips, prompt dropout, timesteps
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -320,7 +320,7 @@ def train(cfg):
     n_blocks = n_frames // fpb
 
     def save():  # until step == steps to X.partial.pt (model.save_run): a finished X.pt is never overwritten mid-run
-        states = whole(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()))  # all ranks
+        states = whole(dict(model=model.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()), part)  # all ranks
         on_main(part, lambda: save_run(
             path, step == steps, stage="base" if cfg.phase == "base" else "ar_teacher", model_config=asdict(mcfg),
             config=asdict(cfg), **states, step=step, history=history, data_gen=data_gen.get_state(),

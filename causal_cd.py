@@ -106,7 +106,7 @@ def train(cfg):
     part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
-    part.check(cfg.batch_size)
+    part.check(cfg)
     if cfg.toy:
         ensure_teachers(cfg)
     teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
@@ -115,7 +115,7 @@ def train(cfg):
     teacher = prepare(teacher, cfg.param_dtype).requires_grad_(False)
     student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
     ema = copy.deepcopy(teacher)  # the target network
-    teacher, student, ema = shard(teacher, part), shard(student, part, cfg.optimizer), shard(ema, part)  # torchrun
+    teacher, student, ema = shard(teacher, part), shard(student, part), shard(ema, part)  # torchrun
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], checkpoint_path(cfg)
@@ -130,7 +130,7 @@ def train(cfg):
     grid = timestep_grid(48, teacher.cfg.shift)
 
     def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
-        states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()))
+        states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()), part)
         on_main(part, lambda: save_run(path, finished, stage="causal_cd", model_config=teacher_ckpt["model_config"],
                                        config=asdict(cfg), **states, data_gen=data_gen.get_state(), step=step,
                                        history=history, **extra))

@@ -189,7 +189,7 @@ def train(cfg):
     part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
-    part.check(cfg.batch_size)
+    part.check(cfg)
     if cfg.num_steps not in (1, 2, 4):
         raise ConfigError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
     if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
@@ -207,8 +207,9 @@ def train(cfg):
         real = toy_data.ExactScore()
     critic.train().requires_grad_(True)
     generator = prepare(generator, cfg.param_dtype, cfg.grad_checkpointing).train().requires_grad_(True)
-    ema_model = copy.deepcopy(generator).eval().requires_grad_(False)  # the EMA's weights, set at ema_start
-    generator, critic, ema_model = (shard(m, part, cfg.optimizer) for m in (generator, critic, ema_model))
+    ema_model = copy.deepcopy(generator).eval().requires_grad_(False) if cfg.ema_start > 0 else None  # set at ema_start
+    generator, critic = shard(generator, part), shard(critic, part)
+    ema_model = shard(ema_model, part) if ema_model is not None else None
     if not isinstance(real, toy_data.ExactScore):
         real = shard(real, part)  # FSDP2 under torchrun (the frozen real score too); else all unchanged
     ema = None  # becomes ema_model at ema_start (official: EMA from step 200)
@@ -252,7 +253,7 @@ def train(cfg):
 
     def save(finished=False):  # unfinished: X.partial.pt (model.save_run)
         states = whole(dict(model=generator.state_dict(), ema=(ema or generator).state_dict(), critic=critic.state_dict(),
-                            optimizer=opt_g.state_dict(), optimizer_critic=opt_c.state_dict()))  # every process
+                            optimizer=opt_g.state_dict(), optimizer_critic=opt_c.state_dict()), part)  # every process
         on_main(part, lambda: save_run(path, finished, stage="dmd", model_config=init_ckpt["model_config"],
                                        config=asdict(cfg), **states, ema_started=ema is not None, rng=gen.get_state(),
                                        iteration=it, log=log))
@@ -288,7 +289,8 @@ def train(cfg):
     if it == 0:
         log.append({"update": 0, **evaluate("before DMD   ")[0]})
         if cfg.critic_warmup:  # let the fake score learn the initial generator before the first DMD step
-            losses = [critic_update() for _ in tqdm(range(cfg.critic_warmup), desc="critic warm-up", leave=False)]
+            losses = [critic_update() for _ in tqdm(range(cfg.critic_warmup), desc="critic warm-up", leave=False,
+                                                        disable=part.rank > 0)]
             tqdm.write(f"critic warm-up: {cfg.critic_warmup} updates, loss {losses[0]:.3f} -> "
                        f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
     pbar = tqdm(total=cfg.gen_updates, initial=it // cfg.critic_ratio, desc=f"DMD {cfg.init} {cfg.num_steps}-step",

@@ -56,7 +56,7 @@ from model import (ConfigError, ModelConfig, autocast, ema_update, load_checkpoi
                    parse_config, pick_device, run_main, save_checkpoint, save_run, start_run, warped_steps, x0_from_v)
 from wan_scale import (Part, ScaleOptions, check_actions, dry_run, gather_rows, limit_memory, load_whole,
                        load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
-                       report_memory, run_flags, shard, start_distributed, whole)
+                       report_memory, run_flags, shard, start_distributed, sum_over_processes, whole)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
                            toy_few_step_report, toy_few_step_samples)
 
@@ -169,8 +169,6 @@ def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
     x0_all, text_all, null_all, prompts, actions_all = data.batch(cfg.num_pairs, generator=g)
     eps_all = torch.randn(x0_all.shape, generator=g)
     states, t0, bs = [], time.time(), (64 if data.is_toy else 1) * part.world
-    if cfg.num_pairs % part.world:
-        raise ConfigError(f"--num-pairs {cfg.num_pairs} must be a multiple of the {part.world} processes")
     rows = lambda x: None if x is None else part(x[i:i + bs]).to(device)  # this process's rows of the chunk
     for i in tqdm(range(0, cfg.num_pairs, bs), desc=f"ODE pairs ({cfg.teacher} teacher)", disable=part.rank > 0):
         ctx, null, eps, x0, a = (rows(v) for v in (text_all, null_all, eps_all, x0_all, actions_all))
@@ -218,6 +216,9 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
         path["actions"] = actions
     x0_hat = x0_from_v(x_in, student(x_in, t, ctx, **path), t)
     mask = t != 0  # (B, F): a clean block is context, not a target (its x0_hat is its input)
+    if part.world > 1:  # the mean over the global batch's noisy frames: this process's sum / (their count / N)
+        count = sum_over_processes(mask.sum().item(), part) / part.world
+        return (x0_hat[mask] - states[:, -1][mask]).pow(2).sum() / max(count * x0_hat[0, 0].numel(), 1)
     if not mask.any():  # every block of the batch drawn clean: nothing to regress (the official code gives NaN)
         return 0.0 * x0_hat.sum()
     return (x0_hat[mask] - states[:, -1][mask]).pow(2).mean()  # mean over the noisy frames only
@@ -231,7 +232,7 @@ def train(cfg):
     part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
-    part.check(cfg.batch_size)
+    part.check(cfg, ("--num-pairs", cfg.num_pairs))
     if cfg.teacher == "ar":
         teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
                                              actions=cfg.actions)
@@ -241,7 +242,7 @@ def train(cfg):
     student = prepare(copy.deepcopy(teacher), cfg.param_dtype, cfg.grad_checkpointing)  # init: the teacher itself
     student.train().requires_grad_(True)
     ema = copy.deepcopy(student).eval().requires_grad_(False)
-    teacher, student, ema = shard(teacher, part), shard(student, part, cfg.optimizer), shard(ema, part)  # torchrun
+    teacher, student, ema = shard(teacher, part), shard(student, part), shard(ema, part)  # torchrun
     t_start = time.time()
     pairs = make_pairs(cfg, teacher, teacher_ckpt, device, part)
     del teacher
@@ -260,7 +261,7 @@ def train(cfg):
     ctx_all = pairs["text"]
 
     def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
-        states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()))
+        states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()), part)
         on_main(part, lambda: save_run(path, finished, stage=stage_name(cfg.teacher),
                                        model_config=teacher_ckpt["model_config"], config=asdict(cfg), **states,
                                        gen=gen.get_state(), step=step, history=history, pair_bytes=pairs["bytes"],

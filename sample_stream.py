@@ -631,6 +631,8 @@ def main(argv=None):
     device = pick_device(args.device)
     model = model.to(device)
     if model.cfg.in_dim != 3:  # a Wan-shaped checkpoint: latents, umT5 features, the Wan VAE (wan_scale.py)
+        if args.actions:
+            raise ConfigError(f"--actions: {args.ckpt} is a Wan-shaped model; the world with actions is the toy's")
         import wan_scale
         return wan_scale.main_wan(args, model, ckpt, device)
     fpb = ckpt["config"].get("frames_per_block", 1)

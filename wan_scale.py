@@ -726,11 +726,17 @@ class Part:
     def rand(self, n, generator=None):  # n: the own rows
         return self(torch.rand(n * self.world, generator=generator))
 
-    def check(self, batch_size):
-        if batch_size % self.world:
-            raise ConfigError(f"--batch-size {batch_size} (the global batch) must be a multiple of the {self.world} "
-                              f"processes")
-        return batch_size // self.world  # this process's rows
+    def check(self, cfg, *counts):
+        """Before any work: a run's options that N processes cannot honour. counts: (flag, value) pairs that must
+        divide among the processes, --batch-size always."""
+        if cfg.actions and cfg.data != "toy":
+            check_actions(True, None, cfg.data)
+        if self.world > 1 and cfg.optimizer == "lean":
+            raise ConfigError("--optimizer lean factors the second moment over whole matrices; under torchrun each "
+                              "process holds a slice: use --optimizer adamw (its states shard with the weights)")
+        for flag, n in (("--batch-size", cfg.batch_size), *counts):
+            if n % self.world:
+                raise ConfigError(f"{flag} {n} must be a multiple of the {self.world} processes")
 
 
 def start_distributed(device):
@@ -743,8 +749,8 @@ def start_distributed(device):
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():  # on GPUs NCCL for CUDA tensors and gloo for the few CPU ones (a logged loss)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     if dist.get_rank() > 0:  # process 0 prints for all (errors still reach stderr from every process)
         sys.stdout = open(os.devnull, "w")
     return Part(dist.get_rank(), world), device
@@ -758,29 +764,38 @@ def on_main(part, write):
         torch.distributed.barrier()
 
 
-def shard(model, part, optimizer_name="adamw"):
+def shard(model, part):
     """FSDP2 on a DiT: one unit per block, then the rest (patch/text/time embeddings and the head). Frozen models
-    (a teacher, the real score) are sharded the same way. Nothing happens for one process."""
+    (a teacher, the real score) are sharded the same way. Nothing happens for one process.
+    FSDP gathers a unit's weights as one flat buffer of one dtype, so --param-dtype bfloat16 (prepare keeps a few
+    vectors in float32) becomes FSDP's mixed precision here: float32 shards, gathered and computed in bfloat16,
+    gradients reduced in float32."""
     if part.world == 1:
         return model
-    if optimizer_name == "lean":
-        raise ConfigError("--optimizer lean factors the second moment over whole matrices; under FSDP each process "
-                          "holds a slice: use --optimizer adamw with torchrun (sharding divides its states by N)")
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else \
+        MixedPrecisionPolicy()
+    model.float()
     for block in model.blocks:
-        fully_shard(block)
-    return fully_shard(model)
+        fully_shard(block.norm3, mp_policy=MixedPrecisionPolicy())  # its affine LayerNorm acts on the float32 stream
+        fully_shard(block, mp_policy=policy)
+    return fully_shard(model, mp_policy=policy)
 
 
-def whole(state):
+def whole(state, part):
     """A state dict (a model's or an optimizer's) with FSDP's shards (DTensor) gathered into whole tensors on the
-    CPU: what a checkpoint holds, whatever N wrote it. Collective: every process calls it. Identity-like for N = 1."""
+    CPU of process 0 (the others keep None): what a checkpoint holds, whatever N wrote it. Collective: every
+    process calls it. For one process it returns the state as it is."""
     from torch.distributed.tensor import DTensor
     if isinstance(state, dict):
-        return {k: whole(v) for k, v in state.items()}
+        return {k: whole(v, part) for k, v in state.items()}
     if isinstance(state, list):
-        return [whole(v) for v in state]
-    return state.full_tensor().cpu() if isinstance(state, DTensor) else state
+        return [whole(v, part) for v in state]
+    if not isinstance(state, DTensor):
+        return state
+    full = state.full_tensor()  # one tensor at a time is whole on each device, then dropped
+    return full.cpu() if part.rank == 0 else None
 
 
 def load_whole(module, state):
@@ -812,14 +827,19 @@ def gather_rows(x, part):
     return torch.cat(out)
 
 
-def mean_over_processes(x, part):
-    """A float averaged over the processes (a loss to log): every process gets the same number."""
+def sum_over_processes(x, part):
+    """A number summed over the processes: every process gets the same total."""
     if part.world == 1:
         return x
     import torch.distributed as dist
     t = torch.tensor([float(x)], dtype=torch.float64)
     dist.all_reduce(t)
-    return t.item() / part.world
+    return t.item()
+
+
+def mean_over_processes(x, part):
+    """A number averaged over the processes (a loss to log): every process gets the same mean."""
+    return sum_over_processes(x, part) / part.world
 
 
 # -----------------------------------------------------------------------------------------------------------
