@@ -46,9 +46,9 @@ from tqdm import tqdm
 
 import toy_data
 from toy_data import metric_line
-from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, ema_update,
-                   load_checkpoint, loss_weight, model_from_checkpoint, parse_config, pick_device, run_main,
-                   save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
+from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, describe_mismatch,
+                   ema_update, load_checkpoint, loss_weight, model_from_checkpoint, parse_config, pick_device,
+                   run_main, save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
 from wan_scale import (ScaleOptions, WORLD_DIR, check_actions, dry_run, limit_memory, load_whole,
                        load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
                        report_memory, run_flags, shard, start_distributed, wan_base, whole)
@@ -62,7 +62,10 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     diffusion_forcing: bool = False  # ar: train the diffusion-forcing ablation instead of teacher forcing
     shift: float = 2.0  # base: timestep shift every later stage inherits. Wan uses 5 for 1560-token latent
     # frames; a 16x16 toy frame is destroyed at lower noise, so 5 would spend most steps on pure-noise inputs
-    base_steps: int = 7000  # optimizer steps of --phase base
+    base_steps: int = 7000  # optimizer steps of --phase base (with --actions: world_steps)
+    world_steps: int = 3000  # --phase base --actions: steps fine-tuning the plain base into the world model's base
+    plain_base: str = ""  # --phase base --actions: the plain base to fine-tune ("": checkpoints/base.pt, else the
+    # shipped pretrained/base.pt). Causal Forcing++ likewise fine-tunes its T2V base into the world model's
     ar_steps: int = 1000  # optimizer steps of --phase ar (it starts from the base, so it needs fewer)
     batch_size: int = 8  # the toy's choice for a 2-core CPU (officially 64, on GPUs)
     lr: float = 1e-3  # peak learning rate (warmup, then cosine decay to lr/10)
@@ -148,6 +151,30 @@ def load_base(cfg, device="cpu"):
         raise ConfigError(f"--data {cfg.data}: at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights "
                          f"<folder with diffusion_pytorch_model.safetensors>")
     return load_teacher(cfg.out_dir, phase="base", device=device, actions=cfg.actions)
+
+def world_from_plain_base(model, cfg):
+    """The world model's base initialised from the plain base's EMA weights (every weight but the action embedding,
+    which stays zero: until it trains, the world model samples exactly as the plain base does)."""
+    if cfg.plain_base:
+        ckpt = load_checkpoint(cfg.plain_base, stage="base", make_cmd="python ar_teacher.py --phase base")
+    else:
+        plain = Config(phase="base")
+        path = find_teacher(plain)
+        if path is None:
+            raise FileNotFoundError(f"--phase base --actions fine-tunes the plain base, and there is none: make it "
+                                    f"with {make_command(plain)}, or name one with --plain-base")
+        ckpt = load_checkpoint(path, stage="base", make_cmd=make_command(plain))
+    if ckpt["model_config"].get("num_actions"):
+        raise ConfigError("--plain-base: that checkpoint is already a world model; name the plain base")
+    want = {k: v.shape for k, v in model.state_dict().items() if k != "action_embedding.weight"}
+    problem = describe_mismatch(want, {k: v.shape for k, v in ckpt["ema"].items()}, "plain base")
+    if problem:
+        raise ConfigError(f"--plain-base: its weights do not fit this world model: {problem}")
+    model.load_state_dict({k: v.float() for k, v in ckpt["ema"].items()}, strict=False)
+    print(f"world base: starting from the plain base ({cfg.plain_base or path}, step {ckpt['step']}), action "
+          f"embedding zero")
+    return model
+
 
 def ship(path):
     """Write the fp16 EMA weights of a finished checkpoint, with its configs and metrics, to pretrained/."""
@@ -280,6 +307,8 @@ def train(cfg):
         mcfg = ModelConfig(**{**asdict(PRESETS[cfg.model]), "shift": cfg.shift,
                               "num_actions": len(toy_data.ACTIONS) if cfg.actions else 0})
         model = DiT(mcfg)
+        if cfg.actions:  # the world's base starts as the plain base: its zero-initialised action embedding is new
+            model = world_from_plain_base(model, cfg)
     else:
         model, _ = load_base(cfg)
         mcfg = model.cfg
@@ -334,7 +363,7 @@ def train(cfg):
                                   f"CFG {cfg.guidance:g}, EMA weights")
         return gif
 
-    steps = cfg.base_steps if cfg.phase == "base" else cfg.ar_steps
+    steps = cfg.ar_steps if cfg.phase == "ar" else cfg.world_steps if cfg.actions else cfg.base_steps
     t_start, step_at_start = time.time(), step
     pbar = tqdm(total=steps, initial=step, desc=cfg.phase, dynamic_ncols=True, disable=part.rank > 0)
     while step < steps:

@@ -174,15 +174,22 @@ def test_world_model_bad_input(world_ckpt, tmp_path, capsys):
 def test_stages_refuse_a_world_checkpoint_without_actions_and_the_reverse(tmp_path, monkeypatch):
     """Before any training: the stage that reads a teacher checks it against --actions."""
     monkeypatch.setitem(M.PRESETS, "toy", M.ModelConfig(**{**TINY.__dict__, "num_actions": 0}))
-    ar_teacher.train(tiny_run(tmp_path, phase="base", actions=True, base_steps=1, eval_clips=2))
+    plain_dir = tmp_path / "plain"
+    ar_teacher.train(tiny_run(plain_dir, phase="base", base_steps=1, eval_clips=2))
+    plain = M.load_checkpoint(f"{plain_dir}/base.pt")
+    # the world's base starts as the plain base, its new action embedding zero
+    cfg = tiny_run(tmp_path, phase="base", actions=True, world_steps=1, eval_clips=2, plain_base=f"{plain_dir}/base.pt")
+    start = ar_teacher.world_from_plain_base(M.DiT(M.ModelConfig(**{**TINY.__dict__, "shift": 2.0})), cfg).state_dict()
+    assert not start.pop("action_embedding.weight").any()
+    assert all(torch.equal(start[k], v.float()) for k, v in plain["ema"].items()) and start.keys() == plain["ema"].keys()
+    ar_teacher.train(cfg)
     world_dir = str(tmp_path)
-    assert M.load_checkpoint(f"{world_dir}/base.pt")["model_config"]["num_actions"] == len(toy_data.ACTIONS)
+    with pytest.raises(ConfigError, match="already a world model"):
+        ar_teacher.train(tiny_run(tmp_path / "w2", phase="base", actions=True, plain_base=f"{world_dir}/base.pt"))
     with pytest.raises(ConfigError, match=r"world model \(5 actions\): add --actions"):
         ar_teacher.train(tiny_run(tmp_path, phase="ar"))
     with pytest.raises(ConfigError, match=r"world model \(5 actions\): add --actions"):
         ode_init.train(ode_init.Config(teacher="bidirectional", out_dir=world_dir))
-    plain_dir = tmp_path / "plain"
-    ar_teacher.train(tiny_run(plain_dir, phase="base", base_steps=1, eval_clips=2))
     with pytest.raises(ConfigError, match="--actions needs a world model"):
         ar_teacher.train(tiny_run(plain_dir, phase="ar", actions=True))
     with pytest.raises(ConfigError, match="exists on the toy only"):
