@@ -63,7 +63,9 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     shift: float = 2.0  # base: timestep shift every later stage inherits. Wan uses 5 for 1560-token latent
     # frames; a 16x16 toy frame is destroyed at lower noise, so 5 would spend most steps on pure-noise inputs
     base_steps: int = 7000  # optimizer steps of --phase base (with --actions: world_steps)
-    world_steps: int = 3000  # --phase base --actions: steps fine-tuning the plain base into the world model's base
+    world_steps: int = 600  # --phase base --actions: steps fine-tuning the plain base into the world model's base
+    world_ar_steps: int = 3000  # --phase ar --actions: the world AR teacher's steps (docs/RESULTS.md: 0.51 action
+    # accuracy at 1,000, 0.88 at 3,000)
     plain_base: str = ""  # --phase base --actions: the plain base to fine-tune ("": checkpoints/base.pt, else the
     # shipped pretrained/base.pt). Causal Forcing++ likewise fine-tunes its T2V base into the world model's
     ar_steps: int = 1000  # optimizer steps of --phase ar (it starts from the base, so it needs fewer)
@@ -363,7 +365,8 @@ def train(cfg):
                                   f"CFG {cfg.guidance:g}, EMA weights")
         return gif
 
-    steps = cfg.ar_steps if cfg.phase == "ar" else cfg.world_steps if cfg.actions else cfg.base_steps
+    steps = {("base", False): cfg.base_steps, ("base", True): cfg.world_steps, ("ar", False): cfg.ar_steps,
+             ("ar", True): cfg.world_ar_steps}[cfg.phase, cfg.actions]
     t_start, step_at_start = time.time(), step
     pbar = tqdm(total=steps, initial=step, desc=cfg.phase, dynamic_ncols=True, disable=part.rank > 0)
     while step < steps:

@@ -39,7 +39,7 @@ Commands (toy, CPU; times in the README):
     python ode_init.py --teacher bidirectional    # pairs + bidirectional-ODE student
     python ode_init.py --teacher bidirectional --noisy-prefix   # the ablation, on the same pairs
     python ode_init.py --plot                     # injectivity.png (--train-missing: train a missing student)
-    python ode_init.py --actions --plot           # the world teachers' future-resampling variance: injectivity_world.png
+    python ode_init.py --actions --plot           # the world teachers' future-resampling variance (assets/)
     python ode_init.py --teacher ar --data LATENT_DIR --num-pairs 8 ...   # Wan scale (README)
 """
 import copy
@@ -523,7 +523,7 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
 
 
 @torch.no_grad()
-def world_injectivity(cfg, path="injectivity_world.png", K=16):
+def world_injectivity(cfg, path="assets/injectivity_world.png", K=16):
     """The injectivity argument for the world model (`--actions --plot`): the variance of each world teacher's frame
     i over K futures whose noise *and actions* (frames > i) are redrawn, the past's noise and actions fixed. A
     bidirectional action-conditioned teacher's frame i hears where the player will steer next; an AR one cannot.
