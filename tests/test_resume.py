@@ -245,6 +245,6 @@ def test_help_shows_each_flag_with_its_dataclass_comment_and_default(capsys):
     with pytest.raises(SystemExit):
         M.parse_config(ar_teacher.Config, ["--help"])
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
-    assert "--base-steps BASE_STEPS optimizer steps of --phase base (default: 7000)" in text
+    assert "--base-steps BASE_STEPS optimizer steps of --phase base (with --actions: world_steps) (default: 7000)" in text
     assert "--eval-clips EVAL_CLIPS clips of the final evaluation (8 per prompt). More clips on a finished run: " \
            "--eval-only --eval-clips 288" in text  # with the comment line that continues it
