@@ -780,7 +780,9 @@ def shard(model, part):
     for block in model.blocks:
         fully_shard(block.norm3, mp_policy=MixedPrecisionPolicy())  # its affine LayerNorm acts on the float32 stream
         fully_shard(block, mp_policy=policy)
-    return fully_shard(model, mp_policy=policy)
+    # the root too is resharded after its forward (FSDP2 keeps a root whole by default, for the backward): a model
+    # run without a backward, like CD's target network, must be back in shards before its EMA update
+    return fully_shard(model, mp_policy=policy, reshard_after_forward=True)
 
 
 def whole(state, part):
