@@ -226,9 +226,10 @@ def attention(q, k, v, blocks=None, dense_limit=2 ** 26):
     exactly the visible keys). Otherwise blocks is a list of (q_start, q_end, [(k_start, k_end), ...]) covering
     the queries in order: each query block attends to the union of its key ranges (paths 2 and block-causal).
     Short sequences (the toy) run one SDPA call with the equivalent boolean mask; long ones (Wan scale, where the
-    (2N x 2N) mask would take GBs) loop over query blocks, each an unmasked SDPA call on its key ranges."""
-    if blocks is None:
-        return F.scaled_dot_product_attention(q, k, v)
+    (2N x 2N) mask would take GBs) loop over query blocks, each an unmasked SDPA call on its key ranges.
+    blocks may also be a boolean key mask (1, 1, 1, Nk) already (the static streaming step, wan_scale.FastStep)."""
+    if blocks is None or isinstance(blocks, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=blocks)
     if q.shape[2] * k.shape[2] <= dense_limit:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=blocks_to_mask(blocks, q.shape[2], k.shape[2], q.device))
     outs = []

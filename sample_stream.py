@@ -279,27 +279,39 @@ class Stream:
     block the cache still holds is run again at t = 0 under the new prompt, oldest first, each seeing only the
     held frames before it, and its K/V overwritten. `write_frames` puts given clean frames (I2V's first frame)
     into the cache at t = 0, the same write as the refresh after a generated block. A world model takes the
-    actions of each block as it is asked for it (`next_block(actions=...)`): the keys pressed so far steer it."""
+    actions of each block as it is asked for it (`next_block(actions=...)`): the keys pressed so far steer it.
+    fast="graph" / "compile" / "static" runs every forward through wan_scale.FastStep (static shapes, CUDA-graph
+    replay or torch.compile at Wan scale): the same frames, a few times faster where launches dominate."""
 
     frame_hw = (toy_data.SIZE, toy_data.SIZE)  # the toy's frame size
 
     def __init__(self, model, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0,
-                 max_frames=None, generator=None):
+                 max_frames=None, generator=None, fast=None):
         self.model, self.steps, self.fpb, self.first = model, steps, frames_per_block, first_block_steps
         self.cache = KVCache(window=window, sink=sink) if window else KVCache(max_frames=max_frames)
+        self.forward = model  # what each forward calls
+        if fast:
+            from wan_scale import FastStep
+            self.forward = FastStep(model, self.cache, fast)
         self.generator = generator
         self.frame = 0  # absolute index of the next frame
         self.ctx = None
         self.held = {}  # first frame of each block the cache holds -> its clean frames, actions (for the re-cache)
         self.recache_calls = 0  # forwards the re-caches ran (a test counts them)
 
+    def restart(self):
+        """Start a new stream at frame 0 in the same cache buffers (the prompt is kept): every slot reads as
+        unwritten, so nothing of the old stream is seen; a fast path's captured graphs stay valid."""
+        self.cache.slot_frame.fill_(-1)
+        self.frame, self.held = 0, {}
+
     @torch.no_grad()
     def set_prompt(self, ctx, recache=False):
         self.ctx = ctx
         if recache:  # LongLive: the held past, re-encoded under the new prompt, oldest block first
             for start, (frames, actions) in sorted(self.held.items()):
-                self.model(frames, torch.zeros(frames.shape[:2], device=frames.device), ctx, cache=self.cache,
-                           start_frame=start, actions=actions)
+                self.forward(frames, torch.zeros(frames.shape[:2], device=frames.device), ctx, cache=self.cache,
+                             start_frame=start, actions=actions)
                 self.recache_calls += 1
 
     def _hold(self, start, frames, actions):
@@ -313,7 +325,7 @@ class Stream:
         """Clean frames (B, n, C, H, W) [with a world model's actions (B, n)] -> cache at t = 0; they become the
         stream's next n frames."""
         t0 = torch.zeros(frames.shape[:2], device=frames.device)
-        self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame, actions=actions)
+        self.forward(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame, actions=actions)
         self._hold(self.frame, frames, actions)
         self.frame += frames.shape[1]
         return frames
@@ -325,7 +337,7 @@ class Stream:
         p = next(self.model.parameters())
         c, (h, w) = self.model.cfg.in_dim, self.frame_hw
         noise = torch.randn(batch, self.fpb, c, h, w, generator=self.generator).to(p.device)
-        out = sample_stream(self.model, noise, self.ctx, self.steps, self.fpb, self.first, self.generator,
+        out = sample_stream(self.forward, noise, self.ctx, self.steps, self.fpb, self.first, self.generator,
                             cache=self.cache, start_frame=self.frame, actions=actions)
         self._hold(self.frame, out, actions)
         self.frame += self.fpb
@@ -375,17 +387,24 @@ def _sync(device):
 
 
 def timed_stream(model, frames, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0,
-                 ctx=None, seed=0, frame_hw=None):
-    """Run a batch-1 stream of `frames` frames block by block; return (clip, seconds per block)."""
+                 ctx=None, seed=0, frame_hw=None, fast=None, warmup=False):
+    """Run a batch-1 stream of `frames` frames block by block; return (clip, seconds per block). warmup: run the
+    whole stream once first, untimed, in the same buffers (every cache length is a new attention shape; a fast
+    path captures its graphs then)."""
     dev = next(model.parameters()).device
     ctx = ctx if ctx is not None else toy_data.TextEncoder()([toy_data.PROMPTS[0]]).to(dev)
     stream = Stream(model, steps, frames_per_block, first_block_steps, window, sink, max_frames=frames,
-                    generator=torch.Generator().manual_seed(seed))
+                    generator=torch.Generator().manual_seed(seed), fast=fast)
     if frame_hw is not None:
         stream.frame_hw = frame_hw
     stream.set_prompt(ctx)
-    out, times = [], []
-    acts = still_actions(model, frames_per_block, dev)  # a world model: timed under "stay" (speed ignores values)
+    acts = still_actions(model, frames_per_block, dev)
+    if warmup:
+        for _ in range(frames // frames_per_block):
+            stream.next_block(actions=acts)
+        stream.restart()
+        stream.generator.manual_seed(seed)
+    out, times = [], []  # a world model is timed under "stay" (speed ignores values)
     for _ in range(frames // frames_per_block):
         _sync(dev)
         t0 = time.perf_counter()
@@ -541,8 +560,21 @@ def build_parser():
                    "features `text` (L, 4096), e.g. a latent-folder clip; without it --prompt is encoded with umT5")
     w.add_argument("--vae", default="", help="the Wan2.1-Diffusers download (folder or hub name) whose VAE decodes "
                    "the latents and whose umT5 encodes --prompt; --bench: 'random' times the VAE with random weights")
+    w.add_argument("--memory-cap-gib", type=float, default=24.0, help="GPU memory the Wan stream may use (0 = all): a "
+                   "bigger card behaves like the 24 GB one this project targets")
+    w.add_argument("--cuda-graph", action="store_true", help="the fast path: every forward captured once as a CUDA "
+                   "graph and replayed (static shapes, wan_scale.FastStep); the same frames as the eager default")
+    w.add_argument("--compile", action="store_true", help="the fast path through torch.compile(mode='reduce-overhead') "
+                   "instead (compiles for minutes; also runs on a CPU)")
     p.add_argument("--device", default="auto")
     return p
+
+
+def fast_mode(args):
+    """--cuda-graph / --compile -> the Stream's fast path (None: the eager default)."""
+    if args.cuda_graph and args.compile:
+        raise ConfigError("--cuda-graph and --compile are two fast paths: pick one")
+    return "graph" if args.cuda_graph else "compile" if args.compile else None
 
 
 # Steering a world model from the keyboard. The actions are the four diagonals and "stay"; a key sets one axis
@@ -619,6 +651,7 @@ def stdin_prompts():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    fast_mode(args)  # both fast paths at once: refused before any work
     if args.bench and args.model:  # the Wan-scale speed benchmark (random weights): wan_scale.py
         import wan_scale
         return wan_scale.bench_wan(args)
@@ -679,7 +712,7 @@ def main(argv=None):
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4 and first_image is None) else None
     stream = Stream(model, steps, fpb, first, window=args.window or None, sink=args.sink,
                     max_frames=None if args.window else args.frames,
-                    generator=torch.Generator().manual_seed(args.seed))
+                    generator=torch.Generator().manual_seed(args.seed), fast=fast_mode(args))
     prompt = args.prompt
     stream.set_prompt(text([prompt]).to(device))
     queue = stdin_prompts() if args.interactive and not world else None

@@ -28,8 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model import (ConfigError, DiT, PRESETS, RMSNorm, WeightsMismatchError, autocast, describe_mismatch,
-                   pick_device, run_main, warped_steps)
-from sample_stream import _sync, timed_stream
+                   pick_device, rope_cos_sin, run_main, warped_steps)
+from sample_stream import _sync, fast_mode, timed_stream
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -848,6 +848,139 @@ def mean_over_processes(x, part):
 # Wan scale: the speed benchmark (random weights in the real shape) and streaming latents to MP4
 
 
+class _StaticView:
+    """What one static-shape forward sees of the KV cache: it writes its block's K/V at the token indices in
+    `write` (a tensor at a fixed address, refilled in place before each call) and attends to the first `n_keys`
+    tokens of the buffer, a Python constant of the captured graph."""
+
+    def __init__(self, cache, write, n_keys, cross_kv):
+        self.cache, self.write, self.n_keys, self.cross_kv = cache, write, n_keys, cross_kv
+
+    def update(self, layer, k, v):
+        c = self.cache
+        if c.k is None:  # allocated by the first (eager) call, never inside a capture
+            shape = (c.num_layers, *k.shape[:2], c.num_slots * c.tpf, k.shape[-1])
+            c.k, c.v = k.new_zeros(shape), v.new_zeros(shape)
+        c.k[layer].index_copy_(2, self.write, k.to(c.k.dtype))
+        c.v[layer].index_copy_(2, self.write, v.to(c.v.dtype))
+        return c.k[layer][:, :, :self.n_keys], c.v[layer][:, :, :self.n_keys]
+
+
+def static_forward(model, view, x, t, actions, frame_pos, mask):
+    """DiT.forward's path 3 (no gradient) with every per-block quantity a tensor at a fixed address: the frame
+    positions of RoPE (`frame_pos`), the cache slots written (`view.write`), the keys seen (the first
+    `view.n_keys`, or with `mask` the whole buffer and a boolean mask of the visible tokens). Nothing here reads a
+    Python value that changes from block to block, so a CUDA graph captured once replays it."""
+    B, nF, C, H, W = x.shape
+    grid = (H // model.cfg.patch[1], W // model.cfg.patch[2])
+    cos, sin = rope_cos_sin(model.cfg.dim // model.cfg.num_heads, frame_pos, grid, x.device)
+    e, e0 = model.time_conditioning(t, actions)
+    tokens = model.patchify(x)
+    for layer, block in enumerate(model.blocks):
+        tokens = block(tokens, e0, cos, sin, None, mask, view, layer)
+    return model.unpatchify(model.head(tokens, e).float(), nF, H, W)
+
+
+class FastStep:
+    """The streaming forward with static shapes: a drop-in for `model` in sample_stream / Stream
+    (fast(x, t, ctx, cache=, start_frame=, actions=)) that computes the same frames.
+
+    At Wan scale a batch-1 stream is launch-bound: ~1,000 small kernels per forward, each launched from Python.
+    Here every forward of a given shape is captured once as a CUDA graph (mode "graph") and replayed: one launch.
+    What changes from block to block (RoPE positions, the slots written, the visible tokens) lives in tensors
+    refilled in place before the replay. The number of keys attended is a constant of each graph: a full cache
+    from frame 0 sees a prefix of its buffer that grows by a block at a time, so a 21-frame stream captures 21
+    graphs (sharing one memory pool), each an unmasked SDPA over exactly the visible keys (flash attention; a mask
+    over the whole buffer would cost ~1.5x the FLOPs at 480x832 and the flash kernel). A rolling cache is full
+    after `window` frames: one graph from then on. Only when the visible tokens are not a prefix (a rolling cache
+    re-encoding its past under a new prompt) does a step attend to the whole buffer under a boolean mask.
+    mode "compile": torch.compile(mode="reduce-overhead") of the same function; "static": eager (the CPU test)."""
+
+    def __init__(self, model, cache, mode="graph"):
+        if mode not in ("graph", "compile", "static"):
+            raise ConfigError(f"unknown fast mode {mode!r} (graph, compile or static)")
+        if mode == "graph" and not torch.cuda.is_available():
+            raise ConfigError("--cuda-graph needs a CUDA GPU (on CPU the eager path is the fast one)")
+        self.model, self.cache, self.mode = model, cache, mode
+        self.run = static_forward
+        if mode == "compile":
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one per key count
+            self.run = torch.compile(static_forward, mode="reduce-overhead", dynamic=False)
+        self.graphs, self.pool, self.buffers = {}, None, {}
+        self.context, self.cross_kv, self.mask = None, None, None
+        self.calls = self.captures = 0
+
+    @torch.no_grad()
+    def set_prompt(self, context):
+        """The prompt's per-layer cross-attention K/V, written in place into the tensors the graphs read."""
+        text = self.model.embed_text(context)
+        kv = [block.cross_attn.text_kv(text) for block in self.model.blocks]
+        if self.cross_kv is not None and all(a.shape == b.shape for (a, _), (b, _) in zip(self.cross_kv, kv)):
+            for (k0, v0), (k1, v1) in zip(self.cross_kv, kv):
+                k0.copy_(k1), v0.copy_(v1)
+        else:  # a new batch size or text length: new tensors, so new graphs
+            self.cross_kv, self.graphs = kv, {}
+        self.context = context
+
+    @torch.no_grad()
+    def __call__(self, x, t, context, *, cache, start_frame=0, actions=None):
+        if cache is not self.cache:
+            raise ValueError("FastStep was built for another KV cache")
+        m, c = self.model, self.cache
+        B, nF, C, H, W = x.shape
+        t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(B, nF)
+        tpf = m.tokens_per_frame(H, W)
+        c.num_layers = m.cfg.num_layers
+        c.begin(start_frame, nF, tpf)  # the cache's bookkeeping, on the CPU, as in the eager path
+        if context is not self.context:
+            self.set_prompt(context)
+        if nF not in self.buffers:
+            self.buffers[nF] = (torch.zeros(nF, dtype=torch.long, device=x.device),
+                                torch.zeros(nF * tpf, dtype=torch.long, device=x.device))
+        frame_pos, write = self.buffers[nF]
+        frame_pos.copy_(torch.arange(start_frame, start_frame + nF))
+        write.copy_(c.write_tokens)
+        mask = None
+        if isinstance(c.visible_tokens, slice):
+            n_keys = c.visible_tokens.stop
+        else:  # not a prefix: the whole buffer, under a mask
+            n_keys = c.num_slots * tpf
+            if self.mask is None:
+                self.mask = torch.zeros(1, 1, 1, n_keys, dtype=torch.bool, device=x.device)
+            self.mask.zero_()
+            self.mask[..., c.visible_tokens.to(x.device)] = True
+            mask = self.mask
+        self.calls += 1
+        view = _StaticView(c, write, n_keys, self.cross_kv)
+        if self.mode != "graph":
+            return self.run(m, view, x, t, actions, frame_pos, mask).clone()
+        key = (tuple(x.shape), actions is not None, n_keys, mask is not None)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(view, x, t, actions, frame_pos, mask)
+        graph, xs, ts, acts, out = self.graphs[key]
+        xs.copy_(x), ts.copy_(t)
+        if actions is not None:
+            acts.copy_(actions)
+        graph.replay()
+        return out.clone()  # the next replay of any graph may reuse this memory
+
+    def _capture(self, view, x, t, actions, frame_pos, mask):
+        """Warm up on a side stream (kernel plans, the cache's allocation), then capture one forward."""
+        xs, ts = x.clone(), t.clone()
+        acts = None if actions is None else actions.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            static_forward(self.model, view, xs, ts, acts, frame_pos, mask)
+        torch.cuda.current_stream().wait_stream(side)
+        self.pool = self.pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = static_forward(self.model, view, xs, ts, acts, frame_pos, mask)
+        self.captures += 1
+        return graph, xs, ts, acts, out
+
+
 def stream_flops(cfg, tokens_per_frame, frames, frames_per_block, steps, first_steps=None):
     """Model FLOPs per frame of a full-cache stream (2 per multiply-add). Every block runs one forward per
     denoising step plus the t = 0 refresh, its Tb tokens attending to the cache (all earlier blocks + itself).
@@ -865,14 +998,20 @@ def stream_flops(cfg, tokens_per_frame, frames, frames_per_block, steps, first_s
 
 def bench_wan(args):
     """Streaming speed at Wan scale with random weights in the preset's shape (speed does not depend on the
-    values): frame-wise 1/2/4-step and chunk-wise 4-step over --latent-frames latent frames of --latent-hw,
-    bf16 SDPA on a GPU. Prints latent and video frames/s (the Wan VAE makes 4 video frames per latent frame
-    after the first), first-frame latency, peak memory, FLOPs per latent frame and the implied utilisation
+    values): frame-wise 1/2/4-step and chunk-wise 4-step over --latent-frames latent frames of --latent-hw, bf16
+    SDPA on a GPU, each row run eagerly and through the fast path (FastStep: CUDA-graph replay on a GPU, or
+    torch.compile with --compile; on a CPU the static eager step, which only checks the code path), side by side.
+    Prints latent and video frames/s (the Wan VAE makes 4 video frames per latent frame after the first),
+    first-frame latency, the ratio fast / eager, peak memory, FLOPs per latent frame and the implied utilisation
     of --peak-tflops; with --vae, also the VAE decode time and frames/s including it."""
     device = pick_device(args.device)
     cfg = PRESETS[args.model]
     h, w = parse_hw(args.latent_hw)
     n_lat = args.latent_frames
+    fast = fast_mode(args) or ("graph" if device.type == "cuda" else "static")
+    limit_memory(device, args.memory_cap_gib)
+    print(format_plan("stream", plan_memory("stream", cfg, 1, n_lat, h, w, param_dtype="bfloat16",
+                                            act_dtype="bfloat16"), args.memory_cap_gib or float("inf")))
     torch.manual_seed(0)
     with torch.device(device):
         model = DiT(cfg)
@@ -887,9 +1026,10 @@ def bench_wan(args):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{args.model} ({sum(p.numel() for p in model.parameters()):,} parameters, random weights), {name}, "
           f"{n_lat} latent frames of {h}x{w} ({tpf} tokens/frame), batch 1, "
-          f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, SDPA, full KV cache")
-    print(f"{'mode':36s}{'latent f/s':>11s}{'video f/s':>10s}{'first frame':>13s}{'peak mem':>10s}"
-          f"{'TFLOP/frame':>12s}{'util':>7s}")
+          f"{'bf16 autocast' if device.type == 'cuda' else 'float32'}, SDPA, full KV cache; "
+          f"eager vs fast path '{fast}' (after one untimed warm-up stream each)")
+    print(f"{'mode':36s}{'path':>7s}{'latent f/s':>11s}{'video f/s':>10s}{'first frame':>13s}{'fast/eager':>11s}"
+          f"{'peak mem':>10s}{'TFLOP/frame':>12s}{'util':>7s}")
     rows = [("frame-wise 1-step (block 0 4-step)", 1, 1, True), ("frame-wise 2-step (block 0 4-step)", 2, 1, True),
             ("frame-wise 4-step", 4, 1, False), ("chunk-wise 4-step", 4, 3, False)]
     results = []
@@ -898,33 +1038,47 @@ def bench_wan(args):
             frames = n_lat - n_lat % fpb
             steps = warped_steps(n, cfg.shift)
             first = warped_steps(4, cfg.shift) if first4 else None
-            # warm-up over the full length: every cache length is a new attention shape (cuDNN plans one per shape)
-            timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            _, times = timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w))
-            peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
-            total = sum(times)
             flops = stream_flops(cfg, tpf, frames, fpb, steps, first)
-            util = flops * frames / total / (args.peak_tflops * 1e12)
-            video_frames = 4 * frames - 3
-            r = dict(mode=label, latent_fps=frames / total, video_fps=video_frames / total, first_frame_s=times[0],
-                     peak_gib=peak / 2 ** 30, tflop_per_frame=flops / 1e12, utilisation=util, seconds=total)
-            results.append(r)
-            print(f"{label:36s}{r['latent_fps']:11.2f}{r['video_fps']:10.2f}{r['first_frame_s']:12.3f}s"
-                  f"{r['peak_gib']:8.1f}GiB{r['tflop_per_frame']:12.2f}{100 * util:6.1f}%")
+            for path in ("eager", fast):
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                # warm-up over the full length: every cache length is a new attention shape (one cuDNN plan, and
+                # on the fast path one captured graph, per shape)
+                clip, times = timed_stream(model, frames, steps, fpb, first, ctx=ctx, frame_hw=(h, w),
+                                           fast=None if path == "eager" else path, warmup=True)
+                peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+                total = sum(times)
+                r = dict(mode=label, path=path, latent_fps=frames / total, video_fps=(4 * frames - 3) / total,
+                         first_frame_s=times[0], peak_gib=peak / 2 ** 30, tflop_per_frame=flops / 1e12,
+                         utilisation=flops * frames / total / (args.peak_tflops * 1e12), seconds=total)
+                if path == "eager":
+                    eager_clip, eager_fps = clip, r["latent_fps"]
+                else:  # the same frames, up to bf16 rounding of a different kernel order
+                    r["max_abs_diff"] = (clip.float() - eager_clip.float()).abs().max().item()
+                r["ratio"] = r["latent_fps"] / eager_fps
+                results.append(r)
+                print(f"{label if path == 'eager' else '':36s}{path:>7s}{r['latent_fps']:11.2f}{r['video_fps']:10.2f}"
+                      f"{r['first_frame_s']:12.3f}s{r['ratio']:10.2f}x{r['peak_gib']:8.1f}GiB"
+                      f"{r['tflop_per_frame']:12.2f}{100 * r['utilisation']:6.1f}%")
+        diffs = [r["max_abs_diff"] for r in results if "max_abs_diff" in r]
+        print(f"fast vs eager frames: max |difference| {max(diffs):.2e} over all rows")
     if args.vae:
         vae = WanVAE(args.vae, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
         lat = torch.randn(n_lat, cfg.in_dim, h, w)
         vae.decode(lat[:2])  # warm-up
         _sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         vae.decode(lat)
         _sync(device)
         dec = time.perf_counter() - t0
-        print(f"VAE decode of {n_lat} latent frames: {dec:.2f} s")
+        peak = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else float("nan")
+        print(f"VAE decode of {n_lat} latent frames: {dec:.2f} s (after the stream, not overlapped), peak memory "
+              f"{peak:.1f} GiB (the DiT's weights held beside it)")
         for r in results:
-            print(f"{r['mode']:36s} with decode: {(4 * n_lat - 3) / (r['seconds'] + dec):.2f} video frames/s")
+            print(f"{r['mode']:36s} {r['path']:>7s} with decode: {(4 * n_lat - 3) / (r['seconds'] + dec):.2f} "
+                  f"video frames/s")
     return results
 
 
@@ -942,6 +1096,7 @@ def main_wan(args, model, ckpt, device):
     `text` (L, 4096)), or --prompt encoded on the spot (needs requirements-wan.txt)."""
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
+    limit_memory(device, args.memory_cap_gib)
     if args.text:
         from safetensors.torch import load_file
         text = load_file(args.text)["text"].float()
@@ -959,7 +1114,7 @@ def main_wan(args, model, ckpt, device):
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4) else None
     with autocast(device, model):  # bf16 on a GPU
         clip, times = timed_stream(model, frames, steps, fpb, first, args.window or None, args.sink, ctx.to(device),
-                                   seed=args.seed, frame_hw=(h, w))
+                                   seed=args.seed, frame_hw=(h, w), fast=fast_mode(args))
     latents = clip[0].float().cpu()  # (F, 16, h, w)
     base = os.path.splitext(args.out)[0]
     write_latent_clip(base + ".safetensors", latents, text, args.prompt if not args.text else args.text)

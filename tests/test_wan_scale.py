@@ -226,6 +226,8 @@ def test_every_stage_runs_on_a_latent_folder(wan_tiny, capsys):
     rows = sample_stream.main(["--bench", "--model", "wan-tiny", "--latent-frames", "3", "--latent-hw", "4x8",
                                "--device", "cpu"])
     assert [r["mode"] for r in rows][-1] == "chunk-wise 4-step" and all(r["latent_fps"] > 0 for r in rows)
+    # each row eager and through the static fast path (a CUDA graph on a GPU): on a CPU the very same frames
+    assert [r["path"] for r in rows] == ["eager", "static"] * 4 and all(r["max_abs_diff"] == 0 for r in rows[1::2])
 
 
 def test_wan_scale_errors_say_what_to_do(wan_tiny, capsys):
