@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Mutant = namedtuple("Mutant", "name file original replacement tests")
 
 L, R, E, W = "tests/test_losses.py", "tests/test_resume.py", "tests/test_equivalences.py", "tests/test_world.py"
-D = "tests/test_distributed.py"
+D, FS = "tests/test_distributed.py", "tests/test_fast_stream.py"
 
 MUTANTS = [
     # --- the losses -------------------------------------------------------------------------------------------
@@ -107,7 +107,7 @@ MUTANTS = [
     Mutant("stream_no_refresh", "sample_stream.py", "model(x0_hat.detach(), torch.zeros(",
            "(lambda *a, **k: None)(x0_hat.detach(), torch.zeros(", ["tests/test_stage3.py"]),
     Mutant("i2v_image_not_written", "sample_stream.py",
-           "self.model(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame, actions=actions)", "None", [E]),
+           "self.forward(frames, t0, self.ctx, cache=self.cache, start_frame=self.frame, actions=actions)", "None", [E]),
     Mutant("evaluator_ignores_reference", "toy_data.py",
            "ref = default_reference(clips.shape[1], actions is not None) if reference is None else reference",
            "ref = default_reference(clips.shape[1], actions is not None)", [E]),
@@ -171,6 +171,15 @@ MUTANTS = [
            "ok = torch.ones(len(X), dtype=torch.bool)", ["tests/test_toy_data.py"]),
     Mutant("exact_x0_wrong_noise_scale", "toy_data.py", "w = torch.softmax(-d2.sum(1) / (2 * s[b] ** 2), 0)",
            "w = torch.softmax(-d2.sum(1) / (2 * s[b]), 0)", ["tests/test_toy_data.py"]),
+    # --- the static streaming step (wan_scale.FastStep) ------------------------------------------------------------
+    Mutant("fast_rope_position_off", "wan_scale.py", "frame_pos.copy_(torch.arange(start_frame, start_frame + nF))",
+           "frame_pos.copy_(torch.arange(start_frame, start_frame + nF) + 1)", [FS]),
+    Mutant("fast_writes_stale_slots", "wan_scale.py", "        write.copy_(c.write_tokens)\n", "", [FS]),
+    Mutant("fast_sees_the_whole_buffer", "wan_scale.py", "            n_keys = c.visible_tokens.stop",
+           "            n_keys = c.num_slots * tpf", [FS]),
+    Mutant("fast_mask_not_cleared", "wan_scale.py", "            self.mask.zero_()\n", "", [FS]),
+    Mutant("fast_prompt_switch_ignored", "wan_scale.py", "        if context is not self.context:",
+           "        if self.context is None:", [FS]),
 ]
 
 

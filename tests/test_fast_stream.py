@@ -18,8 +18,10 @@ def stream(model, fast, fpb=1, window=None, sink=0, n=6, switch_at=None, recache
     st.set_prompt(text(["red circle", "green square"][:batch]))
     out = []
     for b in range(n // fpb):
-        if switch_at is not None and b * fpb == switch_at:
-            st.set_prompt(text(["blue triangle", "red square"][:batch]), recache=recache)
+        if b * fpb in (switch_at or ()):  # alternate between two prompt pairs
+            second = switch_at.index(b * fpb) % 2 == 0
+            st.set_prompt(text(["blue triangle", "red square"][:batch] if second else ["red circle", "green square"][:batch]),
+                          recache=recache)
         a = None if actions is None else actions[:, b * fpb:(b + 1) * fpb]
         out.append(st.next_block(batch, actions=a))
     return torch.cat(out, 1), st
@@ -37,14 +39,14 @@ def test_static_step_is_bit_identical_to_the_eager_stream(fpb, window, sink):
 
 
 def test_static_step_follows_a_prompt_switch_with_recache_in_a_rolling_cache():
-    """The re-cache of a ring that has wrapped (frames 4, 5, 6 in slots 1, 2, 0) sees slots that are not a prefix of
-    the buffer: the whole buffer under a mask."""
+    """The re-cache of a ring that has wrapped (frames 4, 5, 6 in slots 1, 2, 0; at the second switch 7, 8, 9) sees
+    slots that are not a prefix of the buffer: the whole buffer under a mask, refilled at every call."""
     m = random_model()
-    eager, _ = stream(m, None, window=3, n=10, switch_at=7, recache=True)
-    fast, st = stream(m, "static", window=3, n=10, switch_at=7, recache=True)
+    eager, _ = stream(m, None, window=3, n=13, switch_at=(7, 10), recache=True)
+    fast, st = stream(m, "static", window=3, n=13, switch_at=(7, 10), recache=True)
     assert (eager - fast).abs().max() < 1e-5
     assert st.forward.mask is not None  # the masked path did run
-    keep, _ = stream(m, "static", window=3, n=10, switch_at=7)
+    keep, _ = stream(m, "static", window=3, n=13, switch_at=(7, 10))
     assert torch.equal(keep[:, :7], fast[:, :7]) and (keep[:, 7:] - fast[:, 7:]).abs().max() > 1e-3
 
 
