@@ -387,10 +387,10 @@ def _sync(device):
 
 
 def timed_stream(model, frames, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0,
-                 ctx=None, seed=0, frame_hw=None, fast=None, warmup=False):
+                 ctx=None, seed=0, frame_hw=None, fast=None, warmup=False, on_block=None):
     """Run a batch-1 stream of `frames` frames block by block; return (clip, seconds per block). warmup: run the
     whole stream once first, untimed, in the same buffers (every cache length is a new attention shape; a fast
-    path captures its graphs then)."""
+    path captures its graphs then). on_block(block): called with each new block inside its timing (a decoder)."""
     dev = next(model.parameters()).device
     ctx = ctx if ctx is not None else toy_data.TextEncoder()([toy_data.PROMPTS[0]]).to(dev)
     stream = Stream(model, steps, frames_per_block, first_block_steps, window, sink, max_frames=frames,
@@ -409,6 +409,8 @@ def timed_stream(model, frames, steps, frames_per_block=1, first_block_steps=Non
         _sync(dev)
         t0 = time.perf_counter()
         out.append(stream.next_block(actions=acts))
+        if on_block is not None:
+            on_block(out[-1])
         _sync(dev)
         times.append(time.perf_counter() - t0)
     return torch.cat(out, 1), times
@@ -574,6 +576,8 @@ def fast_mode(args):
     """--cuda-graph / --compile -> the Stream's fast path (None: the eager default)."""
     if args.cuda_graph and args.compile:
         raise ConfigError("--cuda-graph and --compile are two fast paths: pick one")
+    if args.cuda_graph and not (torch.cuda.is_available() and pick_device(args.device).type == "cuda"):
+        raise ConfigError("--cuda-graph needs a CUDA GPU (--device cuda); on a CPU run eagerly, or try --compile")
     return "graph" if args.cuda_graph else "compile" if args.compile else None
 
 

@@ -319,7 +319,92 @@ class WanVAE:
     def decode(self, latents):
         z = latents.float().transpose(0, 1)[None] * self.std + self.mean  # (1, 16, F, h, w), un-normalised
         x = self.vae.decode(z.to(self.device, self.dtype)).sample[0].float().cpu()  # (3, T, H, W)
-        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
+        return self._to_uint8(x)
+
+    @staticmethod
+    def _to_uint8(x):  # (3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8
+        return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+
+    @torch.no_grad()
+    def decode_block(self, latents, first):
+        """Streaming decode: the next block's latents (n, 16, h, w) -> its video frames, 1 + 4 (n - 1) for the
+        first block of a video (first=True) and 4 n after. The Wan VAE's decoder is causal in time, one latent frame
+        at a time, each of its temporal convolutions keeping the frames it needs from the previous call (diffusers'
+        `_feat_map`, the loop inside AutoencoderKLWan._decode); those caches persist between calls here, so decoding
+        block by block gives exactly what decode() of the whole clip gives (a test)."""
+        v = self.vae
+        if getattr(v, "use_tiling", False):
+            raise ConfigError("streaming decode needs the VAE without tiling (vae.disable_tiling())")
+        if first:
+            v.clear_cache()
+        z = latents.to(self.device).float().transpose(0, 1)[None]  # (1, 16, n, h, w), on the VAE's device
+        z = z * self.std.to(self.device) + self.mean.to(self.device)
+        x = v.post_quant_conv(z.to(self.dtype))  # a 1-frame kernel: per frame
+        out = []
+        for i in range(x.shape[2]):
+            v._conv_idx = [0]
+            out.append(v.decoder(x[:, :, i:i + 1], feat_cache=v._feat_map, feat_idx=v._conv_idx,
+                                 first_chunk=first and i == 0))
+        return self._to_uint8(torch.cat(out, 2)[0].float().cpu())
+
+
+class OverlappedDecoder:
+    """Decodes a stream's blocks while the next ones are generated: push() hands a block's latents to a worker
+    thread that decodes them (WanVAE.decode_block) on its own CUDA stream, so the VAE's kernels fill the gaps of
+    the launch-bound DiT stream; frames() waits for the last block and returns the video. overlap=False decodes
+    each block inside push() instead (the same frames, for comparison)."""
+
+    def __init__(self, vae, overlap=True):
+        import queue
+        import threading
+        self.vae, self.overlap, self.video, self.first_frame_at = vae, overlap, [], None
+        self.count, self.error = 0, None
+        self.side = torch.cuda.Stream() if overlap and vae.device.type == "cuda" else None
+        if overlap:
+            self.queue = queue.Queue()
+            self.thread = threading.Thread(target=self._work, daemon=True)
+            self.thread.start()
+
+    def _decode(self, latents, first, ready):
+        if self.side is not None:
+            with torch.cuda.stream(self.side):
+                self.side.wait_event(ready)  # the block is written before its decode reads it
+                frames = self.vae.decode_block(latents, first)
+        else:
+            frames = self.vae.decode_block(latents, first)
+        self.video.append(frames)
+        self.first_frame_at = self.first_frame_at or time.perf_counter()
+
+    def _work(self):
+        while (item := self.queue.get()) is not None:
+            try:
+                self._decode(*item)
+            except Exception as err:  # surfaced by frames()
+                self.error = err
+
+    def push(self, latents):
+        """latents: (n, 16, h, w), the next block of the stream."""
+        latents = latents.detach().clone()
+        ready = None
+        if self.side is not None:
+            ready = torch.cuda.Event()
+            ready.record()
+            latents.record_stream(self.side)
+        self.count += 1
+        if self.overlap:
+            self.queue.put((latents, self.count == 1, ready))
+        else:
+            self._decode(latents, self.count == 1, ready)
+
+    def frames(self):
+        """(T, H, W, 3) uint8, all blocks pushed so far, after the last one is decoded."""
+        if self.overlap:
+            self.queue.put(None)
+            self.thread.join()
+            if self.error is not None:
+                raise self.error
+        import numpy as np
+        return np.concatenate(self.video)
 
 
 def read_video(path, frames=81, size=(480, 832)):
@@ -1077,8 +1162,20 @@ def bench_wan(args):
         print(f"VAE decode of {n_lat} latent frames: {dec:.2f} s (after the stream, not overlapped), peak memory "
               f"{peak:.1f} GiB (the DiT's weights held beside it)")
         for r in results:
-            print(f"{r['mode']:36s} {r['path']:>7s} with decode: {(4 * n_lat - 3) / (r['seconds'] + dec):.2f} "
+            print(f"{r['mode']:36s} {r['path']:>7s} with decode after: {(4 * n_lat - 3) / (r['seconds'] + dec):.2f} "
                   f"video frames/s")
+        # end to end: frame-wise 2-step on the fast path, decoding each block as it comes, inline or overlapped
+        steps, first = warped_steps(2, cfg.shift), warped_steps(4, cfg.shift)
+        for overlap in (False, True):
+            decoder = OverlappedDecoder(vae, overlap)
+            with torch.no_grad(), autocast(device, model):
+                _, times = timed_stream(model, n_lat, steps, 1, first, ctx=ctx, frame_hw=(h, w), fast=fast,
+                                        warmup=True, on_block=lambda block: decoder.push(block[0]))
+            t0 = time.perf_counter()
+            video = decoder.frames()
+            total = sum(times) + time.perf_counter() - t0
+            print(f"frame-wise 2-step, {fast}, decoding each block {'overlapped' if overlap else 'inline'}: "
+                  f"{len(video) / total:.2f} video frames/s end to end ({len(video)} frames in {total:.2f} s)")
     return results
 
 
@@ -1091,9 +1188,10 @@ def parse_hw(spec):
 
 
 def main_wan(args, model, ckpt, device):
-    """Stream a Wan-shaped checkpoint: latents to OUT.safetensors, decoded to OUT (.mp4) when the optional
-    extra is installed. The prompt is umT5 features: --text FILE (a latent-folder clip or any safetensors with
-    `text` (L, 4096)), or --prompt encoded on the spot (needs requirements-wan.txt)."""
+    """Stream a Wan-shaped checkpoint: latents to OUT.safetensors and, when OUT is .mp4 and the optional extra is
+    installed, video decoded block by block while the stream goes on (OverlappedDecoder). The prompt is umT5
+    features: --text FILE (a latent-folder clip or any safetensors with `text` (L, 4096)), or --prompt encoded on
+    the spot (needs requirements-wan.txt)."""
     if device.type == "cuda":
         model = model.to(torch.bfloat16)
     limit_memory(device, args.memory_cap_gib)
@@ -1112,22 +1210,28 @@ def main_wan(args, model, ckpt, device):
     h, w = parse_hw(args.latent_hw)
     steps = warped_steps(n_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4) else None
+    decoder = None
+    if args.out.endswith(".mp4"):
+        try:
+            decoder = OverlappedDecoder(WanVAE(args.vae or WAN_DIFFUSERS, device=device))
+        except (ImportError, OSError) as err:  # the optional extra missing, or the VAE weights out of reach
+            print(f"not decoded (the latents are kept): {err}")
+    t0 = time.perf_counter()
     with autocast(device, model):  # bf16 on a GPU
         clip, times = timed_stream(model, frames, steps, fpb, first, args.window or None, args.sink, ctx.to(device),
-                                   seed=args.seed, frame_hw=(h, w), fast=fast_mode(args))
+                                   seed=args.seed, frame_hw=(h, w), fast=fast_mode(args),
+                                   on_block=decoder and (lambda block: decoder.push(block[0])))
     latents = clip[0].float().cpu()  # (F, 16, h, w)
     base = os.path.splitext(args.out)[0]
     write_latent_clip(base + ".safetensors", latents, text, args.prompt if not args.text else args.text)
     print(f"{frames} latent frames in {sum(times):.2f} s (first block {times[0]:.2f} s) -> {base}.safetensors")
-    if args.out.endswith(".mp4"):
-        try:
-            video = WanVAE(args.vae or WAN_DIFFUSERS, device=device).decode(latents)
-        except (ImportError, OSError) as err:  # the optional extra missing, or the VAE weights out of reach
-            print(f"not decoded (the latents are kept): {err}")
-            return latents
+    if decoder is not None:
+        video = decoder.frames()
+        total = time.perf_counter() - t0
         import imageio.v3 as iio
         iio.imwrite(args.out, video, fps=16)
-        print(f"decoded {len(video)} frames -> {args.out}")
+        print(f"decoded {len(video)} frames while streaming (first video frame after "
+              f"{decoder.first_frame_at - t0:.2f} s; {len(video) / total:.2f} video frames/s end to end) -> {args.out}")
     return latents
 
 

@@ -75,3 +75,46 @@ def test_encode_videos_train_a_step_and_decode_to_mp4(tiny_wan, tmp_path):
     assert video.shape == (9, 16, 32, 3) and video.dtype == np.uint8
     iio.imwrite(tmp_path / "decoded.mp4", video, fps=8)
     assert iio.imread(tmp_path / "decoded.mp4", index=None).shape[:3] == (9, 16, 32)
+
+
+def test_streaming_decode_block_by_block_is_the_whole_clip_decode(tiny_wan):
+    """The VAE's temporal caches carry over between blocks: block-by-block decoding, inline or overlapped on a
+    worker thread, gives the whole clip's frames exactly, and a second video starts clean."""
+    vae = WS.WanVAE(str(tiny_wan))
+    lat = torch.randn(5, 16, 2, 4, generator=torch.Generator().manual_seed(0))
+    whole = vae.decode(lat)
+    assert whole.shape == (17, 16, 32, 3)  # 1 + 4 x 4 video frames
+    for overlap in (False, True, True):
+        dec = WS.OverlappedDecoder(vae, overlap)
+        for block in (lat[:1], lat[1:3], lat[3:]):  # frame-wise first block, then 2-frame blocks
+            dec.push(block)
+        assert np.array_equal(dec.frames(), whole)
+    dec = WS.OverlappedDecoder(vae, overlap=False)
+    dec.push(lat[:3])  # the first block alone: 1 + 4 x 2 frames, which the whole clip's first frames equal
+    assert np.array_equal(dec.frames(), whole[:9])
+
+
+def test_wan_stream_decodes_to_mp4_while_streaming(tiny_wan, tmp_path, capsys):
+    """sample_stream.py on a Wan-shaped checkpoint with --vae: the MP4 decoded block by block during the stream is
+    the whole clip's decode of the latents it wrote; --cuda-graph without a GPU is refused before any work."""
+    import imageio.v3 as iio
+    import sample_stream
+    from safetensors.torch import load_file, save_file
+    from test_model import random_model
+    m = random_model("wan-tiny")
+    ckpt = str(tmp_path / "student.pt")
+    M.save_checkpoint(ckpt, stage="causal_cd", model_config=m.cfg.__dict__, config={"frames_per_block": 1},
+                      model=m.state_dict(), ema=m.state_dict())
+    save_file({"text": torch.randn(5, 4096)}, str(tmp_path / "prompt.safetensors"))
+    out = tmp_path / "stream.mp4"
+    args = ["--ckpt", ckpt, "--text", str(tmp_path / "prompt.safetensors"), "--frames", "3", "--latent-hw", "2x4",
+            "--vae", str(tiny_wan), "--out", str(out), "--device", "cpu"]
+    latents = sample_stream.main(args)
+    assert "decoded 9 frames while streaming" in capsys.readouterr().out
+    assert torch.equal(load_file(str(tmp_path / "stream.safetensors"))["latents"], latents)
+    assert iio.imread(out, index=None).shape[:3] == (9, 16, 32)
+    if not torch.cuda.is_available():
+        written = os.path.getmtime(out)
+        with pytest.raises(SystemExit):
+            M.run_main(sample_stream.main, args + ["--cuda-graph"])
+        assert "needs a CUDA GPU" in capsys.readouterr().err and os.path.getmtime(out) == written
