@@ -382,8 +382,9 @@ def switch_report(model, steps, frames_per_block=1, first_block_steps=None, wind
 
 
 def _sync(device):
+    """Wait for this thread's stream only: a decoder working on its own stream beside the stream is not waited for."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.current_stream(device).synchronize()
 
 
 def timed_stream(model, frames, steps, frames_per_block=1, first_block_steps=None, window=None, sink=0,

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -326,6 +327,8 @@ class WanVAE:
         return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
 
     @torch.no_grad()
+    @torch.autocast("cuda", enabled=False)  # the VAE's own dtype, whichever thread calls (autocast is per thread)
+    @torch.autocast("cpu", enabled=False)
     def decode_block(self, latents, first):
         """Streaming decode: the next block's latents (n, 16, h, w) -> its video frames, 1 + 4 (n - 1) for the
         first block of a video (first=True) and 4 n after. The Wan VAE's decoder is causal in time, one latent frame
@@ -348,6 +351,9 @@ class WanVAE:
         return self._to_uint8(torch.cat(out, 2)[0].float().cpu())
 
 
+GPU_WORK = threading.Lock()  # held by a CUDA-graph capture and by the decoder thread's GPU work
+
+
 class OverlappedDecoder:
     """Decodes a stream's blocks while the next ones are generated: push() hands a block's latents to a worker
     thread that decodes them (WanVAE.decode_block) on its own CUDA stream, so the VAE's kernels fill the gaps of
@@ -359,7 +365,7 @@ class OverlappedDecoder:
         import threading
         self.vae, self.overlap, self.video, self.first_frame_at = vae, overlap, [], None
         self.count, self.error = 0, None
-        self.side = torch.cuda.Stream() if overlap and vae.device.type == "cuda" else None
+        self.side = torch.cuda.Stream(device=vae.device) if overlap and vae.device.type == "cuda" else None
         if overlap:
             self.queue = queue.Queue()
             self.thread = threading.Thread(target=self._work, daemon=True)
@@ -367,7 +373,7 @@ class OverlappedDecoder:
 
     def _decode(self, latents, first, ready):
         if self.side is not None:
-            with torch.cuda.stream(self.side):
+            with GPU_WORK, torch.cuda.stream(self.side):  # (never during a CUDA-graph capture)
                 self.side.wait_event(ready)  # the block is written before its decode reads it
                 frames = self.vae.decode_block(latents, first)
         else:
@@ -379,8 +385,9 @@ class OverlappedDecoder:
         while (item := self.queue.get()) is not None:
             try:
                 self._decode(*item)
-            except Exception as err:  # surfaced by frames()
-                self.error = err
+            except BaseException as err:  # stop at the first error (the VAE's caches are then half-updated);
+                self.error = err  # frames() raises it
+                return
 
     def push(self, latents):
         """latents: (n, 16, h, w), the next block of the stream."""
@@ -403,6 +410,8 @@ class OverlappedDecoder:
             self.thread.join()
             if self.error is not None:
                 raise self.error
+        if len(self.video) != self.count:
+            raise RuntimeError(f"{self.count} blocks pushed but {len(self.video)} decoded")
         import numpy as np
         return np.concatenate(self.video)
 
@@ -988,8 +997,8 @@ class FastStep:
             raise ConfigError("--cuda-graph needs a CUDA GPU (on CPU the eager path is the fast one)")
         self.model, self.cache, self.mode = model, cache, mode
         self.run = static_forward
-        if mode == "compile":
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # one per key count
+        if mode == "compile":  # one compiled graph per key count, like the captured graphs
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 512)
             self.run = torch.compile(static_forward, mode="reduce-overhead", dynamic=False)
         self.graphs, self.pool, self.buffers = {}, None, {}
         self.context, self.cross_kv, self.mask = None, None, None
@@ -1003,9 +1012,17 @@ class FastStep:
         if self.cross_kv is not None and all(a.shape == b.shape for (a, _), (b, _) in zip(self.cross_kv, kv)):
             for (k0, v0), (k1, v1) in zip(self.cross_kv, kv):
                 k0.copy_(k1), v0.copy_(v1)
-        else:  # a new batch size or text length: new tensors, so new graphs
+        else:  # the first prompt, or another text length: new tensors, so new graphs
             self.cross_kv, self.graphs = kv, {}
+            self._static(*(t for pair in kv for t in pair))
         self.context = context
+
+    def _static(self, *tensors):
+        """torch.compile: tensors the compiled graphs read or write in place keep their address (no copies into
+        the graph's own inputs, and no 'mutated inputs' fallback to running without CUDA graphs)."""
+        if self.mode == "compile":
+            for t in tensors:
+                torch._dynamo.mark_static_address(t, guard=False)
 
     @torch.no_grad()
     def __call__(self, x, t, context, *, cache, start_frame=0, actions=None):
@@ -1013,6 +1030,8 @@ class FastStep:
             raise ValueError("FastStep was built for another KV cache")
         m, c = self.model, self.cache
         B, nF, C, H, W = x.shape
+        if c.k is not None and c.k.shape[1] != B:
+            raise ConfigError(f"this stream's KV cache holds batch {c.k.shape[1]}, not {B}: start a new Stream")
         t = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(B, nF)
         tpf = m.tokens_per_frame(H, W)
         c.num_layers = m.cfg.num_layers
@@ -1022,6 +1041,7 @@ class FastStep:
         if nF not in self.buffers:
             self.buffers[nF] = (torch.zeros(nF, dtype=torch.long, device=x.device),
                                 torch.zeros(nF * tpf, dtype=torch.long, device=x.device))
+            self._static(*self.buffers[nF])
         frame_pos, write = self.buffers[nF]
         frame_pos.copy_(torch.arange(start_frame, start_frame + nF))
         write.copy_(c.write_tokens)
@@ -1032,11 +1052,16 @@ class FastStep:
             n_keys = c.num_slots * tpf
             if self.mask is None:
                 self.mask = torch.zeros(1, 1, 1, n_keys, dtype=torch.bool, device=x.device)
+                self._static(self.mask)
             self.mask.zero_()
             self.mask[..., c.visible_tokens.to(x.device)] = True
             mask = self.mask
         self.calls += 1
         view = _StaticView(c, write, n_keys, self.cross_kv)
+        if c.k is None:  # the first forward runs eagerly: it allocates the cache, on this stream, outside any graph
+            out = static_forward(m, view, x, t, actions, frame_pos, mask)
+            self._static(c.k, c.v)
+            return out
         if self.mode != "graph":
             return self.run(m, view, x, t, actions, frame_pos, mask).clone()
         key = (tuple(x.shape), actions is not None, n_keys, mask is not None)
@@ -1050,7 +1075,12 @@ class FastStep:
         return out.clone()  # the next replay of any graph may reuse this memory
 
     def _capture(self, view, x, t, actions, frame_pos, mask):
-        """Warm up on a side stream (kernel plans, the cache's allocation), then capture one forward."""
+        """Warm up on a side stream (kernel plans), then capture one forward. No other thread's GPU work may run
+        during a capture (an OverlappedDecoder's worker waits on GPU_WORK)."""
+        with GPU_WORK:
+            return self._capture_now(view, x, t, actions, frame_pos, mask)
+
+    def _capture_now(self, view, x, t, actions, frame_pos, mask):
         xs, ts = x.clone(), t.clone()
         acts = None if actions is None else actions.clone()
         side = torch.cuda.Stream()
@@ -1060,7 +1090,7 @@ class FastStep:
         torch.cuda.current_stream().wait_stream(side)
         self.pool = self.pool or torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = static_forward(self.model, view, xs, ts, acts, frame_pos, mask)
         self.captures += 1
         return graph, xs, ts, acts, out

@@ -69,6 +69,9 @@ def test_fast_modes_refuse_bad_input():
     m = random_model()
     with pytest.raises(WS.ConfigError, match="unknown fast mode"):
         S.Stream(m, STEPS2, max_frames=4, fast="turbo")
+    _, st = stream(m, "static", n=2)  # a stream of batch 2 cannot go on at batch 1 in the same cache
+    with pytest.raises(WS.ConfigError, match="holds batch 2, not 1"):
+        st.next_block(1)
     if not torch.cuda.is_available():
         with pytest.raises(WS.ConfigError, match="needs a CUDA GPU"):
             S.Stream(m, STEPS2, max_frames=4, fast="graph")
