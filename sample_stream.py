@@ -424,16 +424,18 @@ def still_actions(model, n, device):
 
 
 def stream_speed(model, num_steps, frames_per_block=1, frames=toy_data.FRAMES, first_block_4step=False,
-                 window=None, sink=0, recompute=True, repeats=3):
+                 window=None, sink=0, recompute=True, repeats=3, fast=None):
     """Batch-1 streaming speed, after a warm-up run: first-frame latency (time to the first block), per-frame
     latency (the later blocks' time per frame), frames/s over the whole stream; and the same stream recomputed
-    without a cache, whose frames/s gives the KV cache's speed-up. Best of `repeats` runs (least disturbed)."""
+    without a cache, whose frames/s gives the KV cache's speed-up. Best of `repeats` runs (least disturbed).
+    fast: time the stream through FastStep instead (Stream's fast=)."""
     steps = warped_steps(num_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if first_block_4step else None
     dev = next(model.parameters()).device
     ctx = toy_data.TextEncoder()([toy_data.PROMPTS[0]]).to(dev)
-    timed_stream(model, 2 * frames_per_block, steps, frames_per_block, first, window, sink, ctx)  # warm-up
-    runs = [timed_stream(model, frames, steps, frames_per_block, first, window, sink, ctx)[1] for _ in range(repeats)]
+    timed_stream(model, 2 * frames_per_block, steps, frames_per_block, first, window, sink, ctx, fast=fast)  # warm-up
+    runs = [timed_stream(model, frames, steps, frames_per_block, first, window, sink, ctx, fast=fast)[1]
+            for _ in range(repeats)]
     times = min(runs, key=sum)
     later = times[1:] or times
     res = dict(frames=frames, first_frame_s=min(r[0] for r in runs), per_frame_s=sum(later) / (len(later) * frames_per_block),
@@ -852,6 +854,18 @@ def bench(args):
             s = stream_speed(model, n, fpb, frames=frames, first_block_4step=first4, window=window, sink=args.sink)
             print(f"{name:34s}{frames:7d}{1000 * s['first_frame_s']:11.1f}ms{1000 * s['per_frame_s']:9.2f}ms"
                   f"{s['fps']:10.0f}{s['fps_recompute']:11.0f}{s['cache_speedup']:9.1f}x")
+    if fast_mode(args):  # the fast path beside eager (--compile on a CPU: inductor's fused kernels, no graphs)
+        window = default_window(1) if args.window is None else (args.window or None)
+        print(f"\nthe fast path '{fast_mode(args)}' beside eager: frame-wise 2-step (block 0 4-step), 48 frames, "
+              f"window {window}, best of 3 after a warm-up (the first compiled stream compiles, untimed)")
+        for path in (None, fast_mode(args)):
+            timed_stream(model, 48, warped_steps(2, model.cfg.shift), 1, warped_steps(4, model.cfg.shift), window,
+                         args.sink, fast=path)  # every key count once (compiles)
+            s = stream_speed(model, 2, 1, frames=48, first_block_4step=True, window=window, sink=args.sink,
+                             recompute=False, fast=path)
+            eager_fps = s["fps"] if path is None else eager_fps
+            print(f"{path or 'eager':8s} first frame {1000 * s['first_frame_s']:.1f} ms, {1000 * s['per_frame_s']:.2f} "
+                  f"ms/frame, {s['fps']:.0f} frames/s" + (f" ({s['fps'] / eager_fps:.2f}x eager)" if path else ""))
     # drift: metrics of the first and the last 6 frames of long streams, per cache setting
     n_clips, long = 36, 96
     prompts = [toy_data.PROMPTS[i % len(toy_data.PROMPTS)] for i in range(n_clips)]
