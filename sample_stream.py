@@ -289,7 +289,7 @@ class Stream:
                  max_frames=None, generator=None, fast=None):
         self.model, self.steps, self.fpb, self.first = model, steps, frames_per_block, first_block_steps
         self.cache = KVCache(window=window, sink=sink) if window else KVCache(max_frames=max_frames)
-        self.forward = model  # what each forward calls
+        self.forward = model  # every forward of the stream goes through this: the model, or its fast path
         if fast:
             from wan_scale import FastStep
             self.forward = FastStep(model, self.cache, fast)

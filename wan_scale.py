@@ -318,9 +318,12 @@ class WanVAE:
 
     @torch.no_grad()
     def decode(self, latents):
-        z = latents.float().transpose(0, 1)[None] * self.std + self.mean  # (1, 16, F, h, w), un-normalised
-        x = self.vae.decode(z.to(self.device, self.dtype)).sample[0].float().cpu()  # (3, T, H, W)
+        x = self.vae.decode(self._vae_latents(latents)).sample[0].float().cpu()  # (3, T, H, W)
         return self._to_uint8(x)
+
+    def _vae_latents(self, latents):  # (F, 16, h, w) normalised -> (1, 16, F, h, w) as the VAE takes them
+        z = latents.to(self.device).float().transpose(0, 1)[None]
+        return (z * self.std.to(self.device) + self.mean.to(self.device)).to(self.dtype)
 
     @staticmethod
     def _to_uint8(x):  # (3, T, H, W) in [-1, 1] -> (T, H, W, 3) uint8
@@ -340,9 +343,7 @@ class WanVAE:
             raise ConfigError("streaming decode needs the VAE without tiling (vae.disable_tiling())")
         if first:
             v.clear_cache()
-        z = latents.to(self.device).float().transpose(0, 1)[None]  # (1, 16, n, h, w), on the VAE's device
-        z = z * self.std.to(self.device) + self.mean.to(self.device)
-        x = v.post_quant_conv(z.to(self.dtype))  # a 1-frame kernel: per frame
+        x = v.post_quant_conv(self._vae_latents(latents))  # a 1-frame kernel: per frame
         out = []
         for i in range(x.shape[2]):
             v._conv_idx = [0]
@@ -362,7 +363,6 @@ class OverlappedDecoder:
 
     def __init__(self, vae, overlap=True):
         import queue
-        import threading
         self.vae, self.overlap, self.video, self.first_frame_at = vae, overlap, [], None
         self.count, self.error = 0, None
         self.side = torch.cuda.Stream(device=vae.device) if overlap and vae.device.type == "cuda" else None
@@ -979,13 +979,13 @@ class FastStep:
     """The streaming forward with static shapes: a drop-in for `model` in sample_stream / Stream
     (fast(x, t, ctx, cache=, start_frame=, actions=)) that computes the same frames.
 
-    At Wan scale a batch-1 stream is launch-bound: ~1,000 small kernels per forward, each launched from Python.
-    Here every forward of a given shape is captured once as a CUDA graph (mode "graph") and replayed: one launch.
+    At Wan scale a batch-1 stream is launch-bound (a profiled 6-frame stream: 0.32 s of GPU time against 1.9 s of
+    CPU time in operators, docs/RESULTS.md, Wan scale). Here every forward of a given shape is captured once as a CUDA graph (mode "graph") and replayed: one launch.
     What changes from block to block (RoPE positions, the slots written, the visible tokens) lives in tensors
     refilled in place before the replay. The number of keys attended is a constant of each graph: a full cache
     from frame 0 sees a prefix of its buffer that grows by a block at a time, so a 21-frame stream captures 21
     graphs (sharing one memory pool), each an unmasked SDPA over exactly the visible keys (flash attention; a mask
-    over the whole buffer would cost ~1.5x the FLOPs at 480x832 and the flash kernel). A rolling cache is full
+    over the whole buffer would cost 1.5x the FLOPs per forward at 480x832 and lose the flash kernel). A rolling cache is full
     after `window` frames: one graph from then on. Only when the visible tokens are not a prefix (a rolling cache
     re-encoding its past under a new prompt) does a step attend to the whole buffer under a boolean mask.
     mode "compile": torch.compile(mode="reduce-overhead") of the same function; "static": eager (the CPU test)."""

@@ -95,8 +95,9 @@ def test_streaming_decode_block_by_block_is_the_whole_clip_decode(tiny_wan):
 
 
 def test_wan_stream_decodes_to_mp4_while_streaming(tiny_wan, tmp_path, capsys):
-    """sample_stream.py on a Wan-shaped checkpoint with --vae: the MP4 decoded block by block during the stream is
-    the whole clip's decode of the latents it wrote; --cuda-graph without a GPU is refused before any work."""
+    """sample_stream.py on a Wan-shaped checkpoint with --vae writes its latents and an MP4 decoded block by block
+    during the stream (that decode equals the whole clip's: the test above); --cuda-graph without a GPU is refused
+    before any work."""
     import imageio.v3 as iio
     import sample_stream
     from safetensors.torch import load_file, save_file
