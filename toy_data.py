@@ -527,6 +527,26 @@ def own_step_report(clips, prompts, tol=0.5):
     return dict(off=off.float().mean().item(), per_frame=off.float().mean((0, 2)).tolist())
 
 
+def step_report(clips, prompts, tol=0.5):
+    """Which frame pairs break the motion law? In a real clip every step is exactly SPEED px per axis (bounces
+    included), so this measures, for each consecutive pair (0-1, 1-2, ...), the fraction of coordinates whose step
+    is off by >= tol px (a frame without a shape counting as off). Unlike own_step_report it needs no history, so
+    it also reads a bidirectional model's clips. A shape that changes size between frames moves its measured
+    position by half the change, so `resized` counts the pairs whose foreground bounding box (pixels with any
+    channel > 0) changes width or height: a rigid shape never does. Returns dict(off, per_pair, resized); real
+    clips score 0 on all three (a test)."""
+    pos, valid = measure_positions(clips, prompt_indices(prompts)[:, 1])  # (B, F, 2), (B, F)
+    step = (pos[:, 1:] - pos[:, :-1]).abs()  # (B, F-1, 2)
+    off = ((step - SPEED).abs() >= tol) | ~(valid[:, 1:] & valid[:, :-1])[..., None]
+    fg = clips.max(dim=2).values > 0  # (B, F, H, W) foreground
+    idx = torch.arange(SIZE, dtype=torch.float32)
+    size = torch.stack([torch.where(m, idx, -1.0).amax(-1) - torch.where(m, idx, float(SIZE)).amin(-1)
+                        for m in (fg.any(2), fg.any(3))], -1)  # (B, F, 2) bounding box width, height - 1
+    resized = (size[:, 1:] != size[:, :-1]).any(-1)  # (B, F-1)
+    return dict(off=off.float().mean().item(), per_pair=off.float().mean((0, 2)).tolist(),
+                resized=resized.float().mean().item())
+
+
 def next_block_report(continue_clip, n, frames_per_block, seed=4321, tol=0.5):
     """Teacher forcing's own question for any causal model: given the *real* past of a clip, where does the next
     block put the shape? `continue_clip(prefix, noise, prompts)` returns the next block (n, fpb, 3, H, W) after the

@@ -284,6 +284,21 @@ def test_save_video_mp4_needs_imageio_ffmpeg(tmp_path):
         assert (tmp_path / "clips.mp4").stat().st_size > 0
 
 
+def test_step_report_is_zero_on_real_clips_and_names_the_pairs_around_a_stopped_frame():
+    clips, prompts = toy_data.sample_clips(64, seed=5)
+    assert toy_data.step_report(clips, prompts) == dict(off=0.0, per_pair=[0.0] * (toy_data.FRAMES - 1), resized=0.0)
+    grown = clips.clone()
+    grown[:, 2] = torch.maximum(clips[:, 2], clips[:, 2].roll(1, dims=-1))  # frame 2's shape one column wider
+    assert toy_data.step_report(grown, prompts)["resized"] == pytest.approx(2 / (toy_data.FRAMES - 1))  # 1-2, 2-3
+    broken = clips.clone()
+    broken[:, 3] = clips[:, 2]  # the shape stops for a frame: step 2-3 is 0 px, step 3-4 is 2 px or 0 (a bounce)
+    r = toy_data.step_report(broken, prompts)
+    assert r["per_pair"][:2] == [0.0, 0.0] and r["per_pair"][2:4] == [1.0, 1.0] and r["per_pair"][4] == 0.0
+    empty = clips.clone()
+    empty[:, 0] = -1.0  # a frame without a shape makes its pair off
+    assert toy_data.step_report(empty, prompts)["per_pair"] == [1.0, 0.0, 0.0, 0.0, 0.0]
+
+
 def test_own_step_report_is_zero_on_real_clips_and_flags_a_frame_that_breaks_the_motion():
     clips, prompts = toy_data.sample_clips(64, seed=5)
     assert toy_data.own_step_report(clips, prompts)["off"] == 0.0
