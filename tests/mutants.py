@@ -171,6 +171,8 @@ MUTANTS = [
            "ok = torch.ones(len(X), dtype=torch.bool)", ["tests/test_toy_data.py"]),
     Mutant("exact_x0_wrong_noise_scale", "toy_data.py", "w = torch.softmax(-d2.sum(1) / (2 * s[b] ** 2), 0)",
            "w = torch.softmax(-d2.sum(1) / (2 * s[b]), 0)", ["tests/test_toy_data.py"]),
+    Mutant("step_report_width_only", "toy_data.py", "resized = (size[:, 1:] != size[:, :-1]).any(-1)",
+           "resized = size[:, 1:, 1] != size[:, :-1, 1]", ["tests/test_toy_data.py"]),
     # --- the static streaming step (wan_scale.FastStep) ------------------------------------------------------------
     Mutant("fast_rope_position_off", "wan_scale.py", "frame_pos.copy_(torch.arange(start_frame, start_frame + nF))",
            "frame_pos.copy_(torch.arange(start_frame, start_frame + nF) + 1)", [FS]),
