@@ -452,9 +452,10 @@ def report(ema, cfg, name, text, minutes):
         return metrics, clips
     print(f"{pad} | x0 MSE per noise level s, model/exact denoiser: {gap_line(denoiser_gap(ema, cfg, text, 2 * n))}")
     steps = toy_data.step_report(clips, eval_p)
-    print(f"{pad} | steps of {toy_data.SPEED:g} px per axis off by >= 0.5 px, per frame pair: "
-          + " / ".join(f"{x:.1%}" for x in steps["per_pair"]) + f" (all {steps['off']:.1%}; real clips: 0); shape resized between frames in {steps['resized']:.1%} of "
-          f"pairs (real clips: 0)")
+    per_pair = " / ".join(f"{x:.1%}" for x in steps["per_pair"])
+    print(f"{pad} | steps of {toy_data.SPEED:g} px per axis off by >= 0.5 px, per frame pair: {per_pair} (all "
+          f"{steps['off']:.1%}; real clips: 0); shape resized between frames in {steps['resized']:.1%} of pairs "
+          f"(real clips: 0)")
     if cfg.phase == "ar":
         nf = next_frame_report(ema, cfg, n, text)
         print(f"{pad} | next block given the real past (frames {nf['frames'][0]}-{nf['frames'][1]}): "

@@ -541,7 +541,7 @@ def step_report(clips, prompts, tol=0.5):
     fg = clips.max(dim=2).values > 0  # (B, F, H, W) foreground
     idx = torch.arange(SIZE, dtype=torch.float32)
     size = torch.stack([torch.where(m, idx, -1.0).amax(-1) - torch.where(m, idx, float(SIZE)).amin(-1)
-                        for m in (fg.any(2), fg.any(3))], -1)  # (B, F, 2) bounding box width, height - 1
+                        for m in (fg.any(2), fg.any(3))], -1)  # (B, F, 2) bounding box width - 1, height - 1
     resized = (size[:, 1:] != size[:, :-1]).any(-1)  # (B, F-1)
     return dict(off=off.float().mean().item(), per_pair=off.float().mean((0, 2)).tolist(),
                 resized=resized.float().mean().item())

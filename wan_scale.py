@@ -980,14 +980,16 @@ class FastStep:
     (fast(x, t, ctx, cache=, start_frame=, actions=)) that computes the same frames.
 
     At Wan scale a batch-1 stream is launch-bound (a profiled 6-frame stream: 0.32 s of GPU time against 1.9 s of
-    CPU time in operators, docs/RESULTS.md, Wan scale). Here every forward of a given shape is captured once as a CUDA graph (mode "graph") and replayed: one launch.
+    CPU time in operators, docs/RESULTS.md, Wan scale). Here every forward of a given shape is captured once as a
+    CUDA graph (mode "graph") and replayed: one launch.
     What changes from block to block (RoPE positions, the slots written, the visible tokens) lives in tensors
     refilled in place before the replay. The number of keys attended is a constant of each graph: a full cache
     from frame 0 sees a prefix of its buffer that grows by a block at a time, so a 21-frame stream captures 21
     graphs (sharing one memory pool), each an unmasked SDPA over exactly the visible keys (flash attention; a mask
-    over the whole buffer would cost 1.5x the FLOPs per forward at 480x832 and lose the flash kernel). A rolling cache is full
-    after `window` frames: one graph from then on. Only when the visible tokens are not a prefix (a rolling cache
-    re-encoding its past under a new prompt) does a step attend to the whole buffer under a boolean mask.
+    over the whole buffer would cost 1.5x the FLOPs per forward at 480x832 and lose the flash kernel). A rolling
+    cache is full after `window` frames: one graph from then on. Only when the visible tokens are not a prefix (a
+    rolling cache re-encoding its past under a new prompt) does a step attend to the whole buffer under a boolean
+    mask.
     mode "compile": torch.compile(mode="reduce-overhead") of the same function; "static": eager (the CPU test)."""
 
     def __init__(self, model, cache, mode="graph"):
