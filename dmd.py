@@ -394,28 +394,30 @@ def table(cfg):
     settings = how(asdict(cfg))  # how the runs train (not where they are kept: a table folder may move)
     done = json.load(open(done_path)) if cfg.resume and os.path.exists(done_path) else {}
     done = {k: v for k, v in done.items() if how({**asdict(Config()), **v["settings"]}) == settings}  # new: default
-    rows = []
-    for init in INITS:
-        for n in (1, 2, 4):
-            runs = []
-            for seed in [cfg.seed + i for i in range(cfg.table_seeds if n == 2 else 1)]:
-                run = Config(**{**asdict(cfg), "init": init, "num_steps": n, "seed": seed, "table": False,
-                                "resume": False})
-                key = f"{init} {n}-step seed {seed}"
+    seeds = lambda n: [cfg.seed + i for i in range(cfg.table_seeds if n == 2 else 1)]
+    run_cfg = lambda init, n, seed: Config(**{**asdict(cfg), "init": init, "num_steps": n, "seed": seed,
+                                             "table": False, "resume": False})
+    # The 2-step rows (the headline, with their seeds) train first, so an interrupted table has them.
+    for n in (2, 1, 4):
+        for init in INITS:
+            for seed in seeds(n):
+                run, key = run_cfg(init, n, seed), f"{init} {n}-step seed {seed}"
                 if key in done and os.path.exists(checkpoint_path(run)):
                     print(f"table: {key} already finished (--resume): reusing it")
-                    runs.append(done[key]["run"])
                     continue
                 after, minutes = train(run)
                 before = {k: v for k, v in load_checkpoint(checkpoint_path(run))["log"][0].items() if k != "update"}
-                runs.append(dict(seed=seed, before=before, after=after, minutes=minutes))
-                done[key] = dict(settings=settings, run=runs[-1])
+                done[key] = dict(settings=settings, run=dict(seed=seed, before=before, after=after, minutes=minutes))
                 json.dump(done, open(done_path + ".tmp", "w"), indent=1)
                 os.replace(done_path + ".tmp", done_path)
-            gen_model, _ = load_generator(checkpoint_path(run), device)
+    rows = []
+    for init in INITS:
+        for n in (1, 2, 4):
+            gen_model, _ = load_generator(checkpoint_path(run_cfg(init, n, cfg.seed)), device)
             speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=n < 4)
-            rows.append(dict(init=init, steps=n, runs=runs, **speed))
-            json.dump(rows, open(os.path.join(cfg.out_dir, "dmd_table.json"), "w"), indent=1)
+            rows.append(dict(init=init, steps=n, runs=[done[f"{init} {n}-step seed {s}"]["run"] for s in seeds(n)],
+                             **speed))
+    json.dump(rows, open(os.path.join(cfg.out_dir, "dmd_table.json"), "w"), indent=1)
     real_clips, real_prompts = toy_data.sample_clips(cfg.eval_clips, seed=0)
     real = {**toy_data.evaluate(real_clips, real_prompts),
             "own_off": toy_data.own_step_report(real_clips, real_prompts)["off"]}
