@@ -81,8 +81,8 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     seed: int = 0
     device: str = "auto"
     resume: bool = False
-    plot: bool = False  # make injectivity.png from both ODE students (about 6 min on one core)
-    train_missing: bool = False  # --plot: train a missing ODE student first (7-15 min each) instead of stopping
+    plot: bool = False  # make injectivity.png from both ODE students (about 3 min on a 2-core CPU)
+    train_missing: bool = False  # --plot: train a missing ODE student first (3-7 min each) instead of stopping
     per_frame: bool = False  # print second moment and blur per frame index of the students and their targets
     noisy_prefix: bool = False  # bidirectional: the ablation whose past blocks are never clean in training (k in
     # 0..3 per block) -> bidirectional_ode_noisy_prefix.pt; default: the official recipe, clean past included
@@ -401,7 +401,7 @@ def plot_injectivity(cfg, path="injectivity.png", K=16):
     if missing and not cfg.train_missing:
         raise ConfigError(f"--plot needs {' and '.join(student_path(c) for c in missing)}: make "
                           f"{'them' if len(missing) > 1 else 'it'} with {'; '.join(make_command(c) for c in missing)} "
-                          f"(7-15 min each on a 2-core CPU), or add --train-missing to do it here")
+                          f"(3-7 min each on a 2-core CPU), or add --train-missing to do it here")
     for c in missing:
         print(f"{student_path(c)} missing: training it first (--train-missing)")
         train(c)
