@@ -31,8 +31,8 @@ What to watch in the log: loss_g (0.5 mean g^2, so it tracks |g|), the critic's 
 mean magnitude of the normalised DMD gradient) and, every 10 updates, the evaluator's metrics of EMA samples with
 a second line: how often the next frame misses the motion given the real past and given the model's own past
 (their gap is exposure bias, what self rollout should shrink) and the mean foreground area per frame (a CFG push
-grows the shapes). At the official step sizes on causal CD 2-step, |g| stays within 0.71-0.89 and the critic
-loss within 0.07-0.42 (single batches, noisy) over 100 updates, with no trend; a critic loss that climbs
+grows the shapes). At the official step sizes on causal CD 2-step (`--table`'s three seeds), |g| stays within
+0.78-0.91 and the critic loss within 0.07-0.34 (single batches, noisy) over 100 updates, with no trend; a critic loss that climbs
 steadily, or |g| that grows, would suggest the critic has lost track of the generator. docs/RESULTS.md, Stage 3, says
 what DMD does on the toy, measured.
 
