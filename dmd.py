@@ -31,10 +31,10 @@ What to watch in the log: loss_g (0.5 mean g^2, so it tracks |g|), the critic's 
 mean magnitude of the normalised DMD gradient) and, every 10 updates, the evaluator's metrics of EMA samples with
 a second line: how often the next frame misses the motion given the real past and given the model's own past
 (their gap is exposure bias, what self rollout should shrink) and the mean foreground area per frame (a CFG push
-grows the shapes). At the official step sizes on causal CD 2-step (`--table`'s three seeds), |g| stays within
-0.78-0.91 and the critic loss within 0.07-0.34 (single batches, noisy) over 100 updates, with no trend; a critic loss that climbs
-steadily, or |g| that grows, would suggest the critic has lost track of the generator. docs/RESULTS.md, Stage 3, says
-what DMD does on the toy, measured.
+grows the shapes). At the official step sizes on causal CD 2-step (`--table`'s three seeds, as their progress bars
+showed them), |g| stays within 0.78-0.91 and the critic loss within 0.07-0.34 (single batches, noisy) over 100
+updates, with no trend; a critic loss that climbs steadily, or |g| that grows, would suggest the critic has lost
+track of the generator. docs/RESULTS.md, Stage 3, says what DMD does on the toy, measured.
 
 Differences from the official code (thu-ml/Causal-Forcing, guandeh17/Self-Forcing): the real score is the
 toy's bidirectional base (officially Wan2.1-14B), or with --real-score exact the toy's exact data score; the critic
