@@ -106,6 +106,7 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     resume: bool = False
     table: bool = False  # run the whole toy table instead of one run
     table_seeds: int = 3  # --table: DMD seeds of each 2-step row (mean +- sd); the other rows run one seed
+    table_steps: str = "1,2,4"  # --table: the step counts of its rows (e.g. "2": the headline row alone)
 
 
 def checkpoint_path(cfg):
@@ -224,8 +225,7 @@ def train(cfg):
     src, ckpt = start_run(path, cfg.resume, "dmd", make_command(cfg))
     if ckpt is not None:
         keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "table_seeds",
-                "dry_run",
-                "out_dir")
+                "table_steps", "dry_run", "out_dir")
         saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in keep and saved[k] != v}
         if differ:
@@ -384,13 +384,18 @@ def table(cfg):
     DMD timesteps), not the stage-2 init or the evaluation noise."""
     if cfg.actions:
         raise ConfigError("--table is the plain toy's Table 2; run the world model's stages one by one (README)")
+    steps = sorted({int(n) for n in cfg.table_steps.split(",") if n.strip().isdigit()})
+    if not steps or not set(steps) <= {1, 2, 4} or len(steps) != len(cfg.table_steps.split(",")):
+        raise ConfigError(f"--table-steps must list step counts out of 1, 2, 4, e.g. \"1,2,4\" or \"2\" "
+                          f"(got {cfg.table_steps!r})")
     t0 = time.time()
     ensure_stage2(cfg)
     device = pick_device(cfg.device)
     # Each finished run is recorded at once with the settings it ran under; `--table --resume` reuses the runs
     # recorded under today's settings and trains only the rest (a 2-hour table survives an interruption).
     done_path = os.path.join(cfg.out_dir, "dmd_table_runs.json")
-    how = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "table_seeds", "out_dir")}
+    how = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "table_seeds", "table_steps",
+                                                              "out_dir")}
     settings = how(asdict(cfg))  # how the runs train (not where they are kept: a table folder may move)
     done = json.load(open(done_path)) if cfg.resume and os.path.exists(done_path) else {}
     done = {k: v for k, v in done.items() if how({**asdict(Config()), **v["settings"]}) == settings}  # new: default
@@ -398,7 +403,7 @@ def table(cfg):
     run_cfg = lambda init, n, seed: Config(**{**asdict(cfg), "init": init, "num_steps": n, "seed": seed,
                                              "table": False, "resume": False})
     # The 2-step rows (the headline, with their seeds) train first, so an interrupted table has them.
-    for n in (2, 1, 4):
+    for n in sorted(steps, key=lambda n: n != 2):
         for init in INITS:
             for seed in seeds(n):
                 run, key = run_cfg(init, n, seed), f"{init} {n}-step seed {seed}"
@@ -412,7 +417,7 @@ def table(cfg):
                 os.replace(done_path + ".tmp", done_path)
     rows = []
     for init in INITS:
-        for n in (1, 2, 4):
+        for n in steps:
             gen_model, _ = load_generator(checkpoint_path(run_cfg(init, n, cfg.seed)), device)
             speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=n < 4)
             rows.append(dict(init=init, steps=n, runs=[done[f"{init} {n}-step seed {s}"]["run"] for s in seeds(n)],

@@ -654,7 +654,8 @@ def autocast(device, model=None):
     bf16 autocast when the model's weights are bf16 (--param-dtype bfloat16), so their matmuls run at all."""
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
-    if model is not None and next(model.parameters()).dtype == torch.bfloat16:
+    weight = None if model is None else next(model.parameters(), None)  # None: a module without weights
+    if weight is not None and weight.dtype == torch.bfloat16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

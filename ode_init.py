@@ -38,6 +38,7 @@ Commands (toy, CPU; times in the README):
     python ode_init.py --teacher ar               # pairs + causal-ODE student
     python ode_init.py --teacher bidirectional    # pairs + bidirectional-ODE student
     python ode_init.py --teacher bidirectional --noisy-prefix   # the ablation, on the same pairs
+    python ode_init.py --teacher bidirectional --exact-teacher --guidance 1   # pairs from the toy's data law itself
     python ode_init.py --plot                     # injectivity.png (--train-missing: train a missing student)
     python ode_init.py --actions --plot           # the world teachers' future-resampling variance (assets/)
     python ode_init.py --teacher ar --data LATENT_DIR --num-pairs 8 ...   # Wan scale (README)
@@ -86,6 +87,9 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     per_frame: bool = False  # print second moment and blur per frame index of the students and their targets
     noisy_prefix: bool = False  # bidirectional: the ablation whose past blocks are never clean in training (k in
     # 0..3 per block) -> bidirectional_ode_noisy_prefix.pt; default: the official recipe, clean past included
+    exact_teacher: bool = False  # toy only: the pairs come from the toy's exact data law (toy_data.ExactScore, the
+    # teacher's question answered perfectly; with --guidance 1) instead of the trained teacher, which the student
+    # still starts from -> *_exact.pt: the injectivity failure with no teacher error (docs/RESULTS.md)
 
 
 def stage_name(teacher):
@@ -96,18 +100,19 @@ def student_path(cfg):
     suffix = "" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}"
     if cfg.teacher == "bidirectional" and cfg.noisy_prefix:
         suffix = "_noisy_prefix" + suffix
-    return os.path.join(cfg.out_dir, stage_name(cfg.teacher) + suffix + ".pt")
+    return os.path.join(cfg.out_dir, stage_name(cfg.teacher) + ("_exact" if cfg.exact_teacher else "") + suffix + ".pt")
 
 
 def pairs_path(cfg):
-    suffix = "" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}"
+    suffix = ("_exact" if cfg.exact_teacher else "") + ("" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}")
     return os.path.join(cfg.out_dir, f"ode_pairs_{cfg.teacher}{suffix}.pt")
 
 
 def make_command(cfg):
     return f"python ode_init.py --teacher {cfg.teacher}" + (
         f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1 else "") + (
-        " --noisy-prefix" if cfg.teacher == "bidirectional" and cfg.noisy_prefix else "") + run_flags(cfg)
+        " --noisy-prefix" if cfg.teacher == "bidirectional" and cfg.noisy_prefix else "") + (
+        " --exact-teacher --guidance 1" if cfg.exact_teacher else "") + run_flags(cfg)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -141,7 +146,7 @@ def bidirectional_ode_trajectory(teacher, eps, ctx, ctx_null, guidance, actions=
 def pair_metadata(cfg, teacher_ckpt):
     """What a pair file must agree on with the run that reads it."""
     return dict(teacher=cfg.teacher, frames_per_block=cfg.frames_per_block, guidance=cfg.guidance,
-                teacher_step=teacher_ckpt["step"], teacher_stage=teacher_ckpt["stage"],
+                teacher_step=teacher_ckpt["step"], teacher_stage=teacher_ckpt["stage"], exact=cfg.exact_teacher,
                 model_config=teacher_ckpt["model_config"], stored=STORED)
 
 
@@ -227,6 +232,11 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
 def train(cfg):
     if cfg.teacher not in ("ar", "bidirectional"):
         raise ConfigError(f"--teacher must be 'ar' or 'bidirectional' (got {cfg.teacher!r})")
+    if cfg.exact_teacher and (cfg.data != "toy" or cfg.actions):
+        raise ConfigError("--exact-teacher needs the plain toy, whose data law is known (drop --data / --actions)")
+    if cfg.exact_teacher and cfg.guidance != 1:
+        raise ConfigError(f"--exact-teacher samples the data law itself; CFG would push past it: add --guidance 1 "
+                          f"(got --guidance {cfg.guidance:g})")
     if cfg.dry_run:  # the plan of one student step (pair generation needs less: no grads), nothing loaded
         return dry_run("ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
@@ -244,6 +254,8 @@ def train(cfg):
     ema = copy.deepcopy(student).eval().requires_grad_(False)
     teacher, student, ema = shard(teacher, part), shard(student, part), shard(ema, part)  # torchrun
     t_start = time.time()
+    if cfg.exact_teacher:  # the pairs' teacher is the data law itself; the student still starts from the model
+        teacher = toy_data.ExactScore(teacher.cfg)
     pairs = make_pairs(cfg, teacher, teacher_ckpt, device, part)
     del teacher
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), 0.0)
@@ -308,9 +320,10 @@ def train(cfg):
     return metrics
 
 
-def load_student(out_dir, teacher, frames_per_block=1, device="cpu", noisy_prefix=False, actions=False):
+def load_student(out_dir, teacher, frames_per_block=1, device="cpu", noisy_prefix=False, actions=False,
+                 exact_teacher=False):
     cfg = Config(teacher=teacher, frames_per_block=frames_per_block, out_dir=out_dir, noisy_prefix=noisy_prefix,
-                 actions=actions)
+                 actions=actions, exact_teacher=exact_teacher, guidance=1.0 if exact_teacher else Config.guidance)
     ckpt = load_checkpoint(student_path(cfg), stage=stage_name(teacher), make_cmd=make_command(cfg))
     check_actions(actions, ModelConfig(**ckpt["model_config"]))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
@@ -582,17 +595,21 @@ def per_frame_report(cfg, n=72):
     if not any(os.path.exists(student_path(c)) for c in runs):
         raise ConfigError(f"--per-frame: no ODE student in {cfg.out_dir}/; make them with "
                           f"{'; '.join(make_command(c) for c in runs)}")
+    exact = [Config(teacher=t, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, exact_teacher=True,
+                    guidance=1.0) for t in ("ar", "bidirectional")]
+    runs += [c for c in exact if os.path.exists(student_path(c))]  # the exact-teacher ablation, where made
     for c in runs:
         teacher, noisy = c.teacher, c.noisy_prefix
         name = os.path.basename(student_path(c))[:-3]
         if os.path.exists(pairs_path(c)) and not noisy:
             end = torch.load(pairs_path(c), map_location="cpu", weights_only=False)["states"][:, -1].float()
-            print(f"{stage_name(teacher) + ' targets':32s} | 2nd moment {fmt(end.pow(2).mean((0, 2, 3, 4)))} "
+            print(f"{name + ' targets':32s} | 2nd moment {fmt(end.pow(2).mean((0, 2, 3, 4)))} "
                   f"blur {fmt(toy_data.blur_per_frame(end).mean(0))}")
         if not os.path.exists(student_path(c)):
             print(f"{name:32s} | missing: {make_command(c)}")
             continue
-        student, _ = load_student(cfg.out_dir, teacher, cfg.frames_per_block, noisy_prefix=noisy)
+        student, _ = load_student(cfg.out_dir, teacher, cfg.frames_per_block, noisy_prefix=noisy,
+                                  exact_teacher=c.exact_teacher)
         for n_steps in (1, 4):
             clips = toy_few_step_samples(student, n, n_steps, cfg.frames_per_block)[0]
             print(f"{name + f' {n_steps}-step':32s} | 2nd moment {fmt(clips.pow(2).mean((0, 2, 3, 4)))} "

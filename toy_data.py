@@ -248,14 +248,17 @@ def exact_x0(x_t, t, prompts, past=None, frames_per_block=1):
 
 
 class ExactScore(torch.nn.Module):
-    """The toy's exact bidirectional score as a drop-in for a DiT: forward(x_t, t, ctx) returns the velocity
+    """The toy's exact score as a drop-in for a DiT: forward(x_t, t, ctx) returns the velocity
     v = (x_t - E[x0 | x_t, prompt]) / s of the data law itself (exact_x0), with the prompt read back from the toy
-    text encoder's features (zeros: the unconditional branch). One t per clip (all frames equal). A perfect real
-    score for DMD: whatever DMD does with it is DMD's own doing, not a teacher's error (dmd.py --real-score exact)."""
+    text encoder's features (zeros: the unconditional branch). One t per clip (all frames equal). Given
+    clean=x0 (the teacher-forcing path), the AR teacher's question instead: each block given the clean blocks
+    before it. A perfect real score for DMD (dmd.py --real-score exact) and a perfect teacher for ODE pairs
+    (ode_init.py --exact-teacher): whatever the student then does is the method's own doing, not a teacher's error.
+    cfg: the config of the model it stands in for (samplers read its schedule's shift)."""
 
-    def __init__(self):
+    def __init__(self, cfg=None):
         super().__init__()
-        self.text = TextEncoder()
+        self.text, self.cfg = TextEncoder(), cfg
 
     def prompts(self, ctx):
         words = self.text.embedding.to(ctx.device)  # (6, TEXT_DIM)
@@ -268,10 +271,11 @@ class ExactScore(torch.nn.Module):
             out.append(f"{self.text.vocab[colour]} {self.text.vocab[shape]}")
         return out
 
-    def forward(self, x_t, t, ctx, **_):
+    def forward(self, x_t, t, ctx, clean=None, frames_per_block=1, **_):
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
         t = t.reshape(-1, 1).expand(x_t.shape[:2]) if t.ndim <= 1 else t  # (B, F)
-        x0 = exact_x0(x_t.float().cpu(), t[:, 0].cpu(), self.prompts(ctx)).to(x_t.device)
+        past = None if clean is None else clean.float().cpu()
+        x0 = exact_x0(x_t.float().cpu(), t[:, 0].cpu(), self.prompts(ctx), past, frames_per_block).to(x_t.device)
         return (x_t - x0) / (t[..., None, None, None] / 1000)
 
 

@@ -171,6 +171,10 @@ MUTANTS = [
            "ok = torch.ones(len(X), dtype=torch.bool)", ["tests/test_toy_data.py"]),
     Mutant("exact_x0_wrong_noise_scale", "toy_data.py", "w = torch.softmax(-d2.sum(1) / (2 * s[b] ** 2), 0)",
            "w = torch.softmax(-d2.sum(1) / (2 * s[b]), 0)", ["tests/test_toy_data.py"]),
+    Mutant("exact_score_ignores_the_clean_past", "toy_data.py",
+           "past = None if clean is None else clean.float().cpu()", "past = None", ["tests/test_stage2.py"]),
+    Mutant("dmd_table_steps_ignored", "dmd.py", "if not steps or not set(steps) <= {1, 2, 4}", "if False",
+           ["tests/test_resume.py"]),
     Mutant("step_report_width_only", "toy_data.py", "resized = (size[:, 1:] != size[:, :-1]).any(-1)",
            "resized = size[:, 1:, 1] != size[:, :-1, 1]", ["tests/test_toy_data.py"]),
     # --- the static streaming step (wan_scale.FastStep) ------------------------------------------------------------

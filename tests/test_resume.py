@@ -231,6 +231,14 @@ def test_a_shipped_teacher_cannot_be_resumed_and_the_error_says_why(tmp_path):
         ar_teacher.train(tiny_run(tmp_path, phase="base", resume=True))
 
 
+@pytest.mark.parametrize("spec", ["3", "2,2", "", "two"])
+def test_table_steps_must_be_distinct_step_counts_and_say_so_before_any_work(tmp_path, monkeypatch, spec):
+    monkeypatch.setattr(dmd, "ensure_stage2", lambda cfg: pytest.fail("the table started work before validating"))
+    with pytest.raises(M.ConfigError, match="--table-steps must list step counts out of 1, 2, 4"):
+        dmd.table(dmd.Config(table=True, table_steps=spec, out_dir=str(tmp_path)))
+    assert os.listdir(tmp_path) == []  # nothing trained, nothing written
+
+
 def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
     import subprocess
     import sys

@@ -57,6 +57,38 @@ def test_causal_ode_pairs_ignore_future_noise_bidirectional_ones_do_not():
     assert torch.equal(a[:, 0], eps)  # the first stored state is the noise at t = 1000
 
 
+def test_exact_teachers_pairs_are_the_data_law_bidirectional_endpoints_real_clips_ar_frames_given_the_past():
+    """--exact-teacher: the same trajectory code with toy_data.ExactScore as the teacher. The bidirectional PF-ODE
+    of the exact law ends on real clips of the prompt; the AR one, teacher-forced on the true past, ends each frame
+    on a frame that continues that past (one of the clips agreeing with frames < i)."""
+    import toy_data
+    clips, prompts = toy_data.sample_clips(3, seed=5, prompts=["red circle", "green square", "blue triangle"])
+    ctx = toy_data.TextEncoder()(prompts)
+    eps = torch.randn(clips.shape, generator=torch.Generator().manual_seed(1))
+    exact = toy_data.ExactScore(M.PRESETS["toy"])
+    end = ode_init.bidirectional_ode_trajectory(exact, eps, ctx, None, 1.0)[:, -1]
+    for b, p in enumerate(prompts):
+        assert (toy_data.all_clips(p) == end[b]).flatten(1).all(1).any()  # exactly one of the prompt's clips
+    end = ode_init.causal_ode_trajectory(exact, clips, eps, ctx, None, 1.0, 1)[:, -1]
+    for b, p in enumerate(prompts):
+        X = toy_data.all_clips(p)
+        for i in range(1, 6):
+            same_past = (X[:, :i] == clips[b, :i]).flatten(1).all(1)
+            assert (X[same_past, i] == end[b, i]).flatten(1).all(1).any()  # a frame that continues the true past
+
+
+def test_exact_teacher_needs_the_plain_toy_and_no_cfg(tmp_path):
+    with pytest.raises(M.ConfigError, match="add --guidance 1"):
+        ode_init.train(ode_init.Config(exact_teacher=True, out_dir=str(tmp_path)))
+    with pytest.raises(M.ConfigError, match="needs the plain toy"):
+        ode_init.train(ode_init.Config(exact_teacher=True, guidance=1.0, actions=True, out_dir=str(tmp_path)))
+    assert os.listdir(tmp_path) == []
+    cfg = ode_init.Config(teacher="bidirectional", exact_teacher=True, guidance=1.0)
+    assert ode_init.student_path(cfg).endswith("bidirectional_ode_exact.pt")
+    assert ode_init.pairs_path(cfg).endswith("ode_pairs_bidirectional_exact.pt")
+    assert ode_init.make_command(cfg) == "python ode_init.py --teacher bidirectional --exact-teacher --guidance 1"
+
+
 # --- causal CD ------------------------------------------------------------------------------------------------
 
 def test_teacher_euler_step_with_cfg_matches_hand_computation():
