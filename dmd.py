@@ -384,10 +384,11 @@ def table(cfg):
     DMD timesteps), not the stage-2 init or the evaluation noise."""
     if cfg.actions:
         raise ConfigError("--table is the plain toy's Table 2; run the world model's stages one by one (README)")
-    steps = sorted({int(n) for n in cfg.table_steps.split(",") if n.strip().isdigit()})
-    if not steps or not set(steps) <= {1, 2, 4} or len(steps) != len(cfg.table_steps.split(",")):
+    parts = [p.strip() for p in cfg.table_steps.split(",")]
+    if not set(parts) <= {"1", "2", "4"} or len(set(parts)) != len(parts):
         raise ConfigError(f"--table-steps must list step counts out of 1, 2, 4, e.g. \"1,2,4\" or \"2\" "
                           f"(got {cfg.table_steps!r})")
+    steps = sorted(int(p) for p in parts)
     t0 = time.time()
     ensure_stage2(cfg)
     device = pick_device(cfg.device)

@@ -323,7 +323,7 @@ def train(cfg):
 def load_student(out_dir, teacher, frames_per_block=1, device="cpu", noisy_prefix=False, actions=False,
                  exact_teacher=False):
     cfg = Config(teacher=teacher, frames_per_block=frames_per_block, out_dir=out_dir, noisy_prefix=noisy_prefix,
-                 actions=actions, exact_teacher=exact_teacher, guidance=1.0 if exact_teacher else Config.guidance)
+                 actions=actions, exact_teacher=exact_teacher)
     ckpt = load_checkpoint(student_path(cfg), stage=stage_name(teacher), make_cmd=make_command(cfg))
     check_actions(actions, ModelConfig(**ckpt["model_config"]))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
@@ -595,8 +595,8 @@ def per_frame_report(cfg, n=72):
     if not any(os.path.exists(student_path(c)) for c in runs):
         raise ConfigError(f"--per-frame: no ODE student in {cfg.out_dir}/; make them with "
                           f"{'; '.join(make_command(c) for c in runs)}")
-    exact = [Config(teacher=t, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, exact_teacher=True,
-                    guidance=1.0) for t in ("ar", "bidirectional")]
+    exact = [Config(teacher=t, frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, exact_teacher=True)
+             for t in ("ar", "bidirectional")]
     runs += [c for c in exact if os.path.exists(student_path(c))]  # the exact-teacher ablation, where made
     for c in runs:
         teacher, noisy = c.teacher, c.noisy_prefix
