@@ -249,14 +249,21 @@ def next_frame_report(model, cfg, n, text, seed=4321):
     the shape exactly where the clip has it; the error measures how well teacher forcing learned its one-step
     task, free of the drift of the teacher's own rollouts (the evaluator's `physics` mixes both). Same sampler as
     `generate` (N-step Euler, CFG); the measurement is toy_data.next_block_report (keys off, rms, real_rms, frames)."""
+    return toy_data.next_block_report(continuation(model, cfg, text), n, cfg.frames_per_block, seed=seed)
+
+
+def continuation(model, cfg, text):
+    """continue_clip(prefix, noise, prompts) for the toy's reports: the new frames after the clean frames `prefix`,
+    sampled as `generate` does (N-step Euler with CFG, block by block through the KV cache)."""
     dev = next(model.parameters()).device
 
+    @torch.no_grad()
     def continue_clip(prefix, noise, prompts):
         ctx, ctx_null = text(prompts).to(dev), text([""] * len(prompts)).to(dev)
         return sample_ar(model, noise.to(dev), ctx, ctx_null, cfg.eval_steps, cfg.guidance, cfg.frames_per_block,
                          prefix=prefix.to(dev)).cpu()
 
-    return toy_data.next_block_report(continue_clip, n, cfg.frames_per_block, seed=seed)
+    return continue_clip
 
 
 @torch.no_grad()
@@ -466,6 +473,12 @@ def report(ema, cfg, name, text, minutes):
         own = toy_data.own_step_report(clips, eval_p)
         print(f"{pad} | the same on its own rollouts (frame i vs its own frames i-2, i-1): "
               f"{own['off']:.1%} off by >= 0.5 px; exposure-bias gap {own['off'] - nf['off']:+.1%}")
+        if cfg.frames_per_block == 1:  # where the physics residual comes from: the free first step or later
+            pr = toy_data.prefix_report(continuation(ema, cfg, text), n)
+            print(f"{pad} | rollouts continuing 0 / 1 / 2 real frames: physics "
+                  + " / ".join(f"{r['physics']:.3f}" for r in pr.values()) + "; the step into the first new frame off "
+                  + " / ".join(f"{r['step']:.1%}" for r in pr.values())
+                  + " (from frame 0 the direction is a free choice of 4; from 2 real frames the motion is determined)")
     return metrics, clips
 
 

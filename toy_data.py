@@ -581,6 +581,25 @@ def next_block_report(continue_clip, n, frames_per_block, seed=4321, tol=0.5):
                 frames=(first, FRAMES - 1))
 
 
+def prefix_report(continue_clip, n, prefixes=(0, 1, 2), seed=4321):
+    """Where a causal model's physics residual comes from: its rollouts continued from P = 0, 1, 2 *real* frames.
+    From frame 0 alone the first step's direction is a free choice of 4; from two real frames the motion is
+    determined. `continue_clip(prefix, noise, prompts)` returns the new frames (n, F - P, 3, H, W) after the clean
+    frames prefix (n, P, 3, H, W) (P = 0: an empty prefix) from their noise. Returns {P: dict(physics of the whole
+    clip, real frames included; step: the fraction of coordinates of the step into the first new frame off by
+    >= 0.5 px, as step_report)}. Real continuations score the real clips' physics and step 0 (a test)."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
+    traj = sample_trajectories(n, seed=seed, prompts=prompts)
+    real = render(traj["shape"], traj["colour"], traj["pos"])  # (n, F, 3, H, W)
+    noise = torch.randn(real.shape, generator=torch.Generator().manual_seed(seed))
+    out = {}
+    for P in prefixes:
+        clip = torch.cat([real[:, :P], torch.as_tensor(continue_clip(real[:, :P], noise[:, P:], prompts)).cpu()], 1)
+        out[P] = dict(physics=evaluate(clip, prompts)["physics"],
+                      step=step_report(clip, prompts)["per_pair"][max(P - 1, 0)])
+    return out
+
+
 def area_per_frame(clips):
     """Mean foreground area (px) per frame index (F,): how big the shapes are drawn. Real: circle 52, square 36,
     triangle 28 px (38.7 over the 9 prompts). DMD's CFG push can grow the shapes frame by frame; this shows it."""

@@ -419,3 +419,16 @@ def test_action_scripts_are_checked():
         td.parse_actions("up-left,left", 2)
     with pytest.raises(ValueError, match="2 actions, fewer than the 3 frames"):
         td.parse_actions(["stay", "stay"], 3)
+
+
+def test_prefix_report_scores_real_continuations_as_real_clips():
+    def oracle(prefix, noise, prompts):  # the true continuation of the prompts' trajectories
+        traj = toy_data.sample_trajectories(len(prompts), seed=4321, prompts=prompts)
+        return toy_data.render(traj["shape"], traj["colour"], traj["pos"])[:, prefix.shape[1]:]
+    r = toy_data.prefix_report(oracle, 36)
+    prompts = [toy_data.PROMPTS[i % 9] for i in range(36)]
+    real = toy_data.evaluate(oracle(torch.zeros(36, 0), None, prompts), prompts)["physics"]
+    assert list(r) == [0, 1, 2] and all(v["step"] == 0.0 and v["physics"] == real for v in r.values())
+    still = lambda prefix, noise, prompts: prefix[:, -1:].expand(-1, noise.shape[1], -1, -1, -1)  # never moves
+    r = toy_data.prefix_report(still, 36, prefixes=(1, 2))
+    assert r[1]["step"] == 1.0 and r[2]["step"] == 1.0 and r[2]["physics"] > 10 * real
