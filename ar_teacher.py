@@ -476,9 +476,9 @@ def report(ema, cfg, name, text, minutes):
         if cfg.frames_per_block == 1:  # where the physics residual comes from: the free first step or later
             pr = toy_data.prefix_report(continuation(ema, cfg, text), n)
             print(f"{pad} | rollouts continuing 0 / 1 / 2 real frames: physics "
-                  + " / ".join(f"{r['physics']:.3f}" for r in pr.values()) + "; the step into the first new frame off "
+                  + " / ".join(f"{r['physics']:.3f}" for r in pr.values()) + "; the first generated step off "
                   + " / ".join(f"{r['step']:.1%}" for r in pr.values())
-                  + " (from frame 0 the direction is a free choice of 4; from 2 real frames the motion is determined)")
+                  + " (with 0 or 1 real frames its direction is a free choice of 4; 2 real frames determine it)")
     return metrics, clips
 
 

@@ -586,8 +586,8 @@ def prefix_report(continue_clip, n, prefixes=(0, 1, 2), seed=4321):
     From frame 0 alone the first step's direction is a free choice of 4; from two real frames the motion is
     determined. `continue_clip(prefix, noise, prompts)` returns the new frames (n, F - P, 3, H, W) after the clean
     frames prefix (n, P, 3, H, W) (P = 0: an empty prefix) from their noise. Returns {P: dict(physics of the whole
-    clip, real frames included; step: the fraction of coordinates of the step into the first new frame off by
-    >= 0.5 px, as step_report)}. Real continuations score the real clips' physics and step 0 (a test)."""
+    clip, real frames included; step: the fraction of coordinates of the first generated step off by >= 0.5 px,
+    as step_report: frame P-1 to P, for P = 0 frame 0 to 1)}. Real continuations score the real clips' physics and step 0 (a test)."""
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(n)]
     traj = sample_trajectories(n, seed=seed, prompts=prompts)
     real = render(traj["shape"], traj["colour"], traj["pos"])  # (n, F, 3, H, W)
