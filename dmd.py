@@ -107,6 +107,8 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     table: bool = False  # run the whole toy table instead of one run
     table_seeds: int = 3  # --table: DMD seeds of each 2-step row (mean +- sd); the other rows run one seed
     table_steps: str = "1,2,4"  # --table: the step counts of its rows (e.g. "2": the headline row alone)
+    table_inits: str = ",".join(INITS)  # --table: its rows' inits (a subset runs alone, e.g. two at a time in
+    # separate --out-dir folders; their dmd_table_runs.json records merge, and --table --resume prints them all)
 
 
 def checkpoint_path(cfg):
@@ -225,7 +227,7 @@ def train(cfg):
     src, ckpt = start_run(path, cfg.resume, "dmd", make_command(cfg))
     if ckpt is not None:
         keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "table_seeds",
-                "table_steps", "dry_run", "out_dir")
+                "table_steps", "table_inits", "dry_run", "out_dir")
         saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
         differ = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in keep and saved[k] != v}
         if differ:
@@ -364,14 +366,15 @@ def load_generator(path, device="cpu"):
 TABLE_MD = "dmd_table.md"
 
 
-def ensure_stage2(cfg):
-    """--table: make whichever stage-2 checkpoint is missing (teachers come from checkpoints/ or pretrained/)."""
+def ensure_stage2(cfg, inits=INITS):
+    """--table: make whichever stage-2 checkpoint of `inits` is missing (teachers come from checkpoints/ or
+    pretrained/)."""
     todo = [("causal_cd", causal_cd.checkpoint_path(causal_cd.Config(out_dir=cfg.out_dir)),
              lambda: causal_cd.train(causal_cd.Config(toy=True, out_dir=cfg.out_dir)))]
     for teacher in ("ar", "bidirectional"):
         ocfg = ode_init.Config(teacher=teacher, out_dir=cfg.out_dir)
         todo.append((ode_init.stage_name(teacher), ode_init.student_path(ocfg), lambda c=ocfg: ode_init.train(c)))
-    for name, path, make in todo:
+    for name, path, make in (t for t in todo if t[0] in inits):
         if not os.path.exists(path):
             print(f"{path} is missing: training it now")
             make()
@@ -389,14 +392,18 @@ def table(cfg):
         raise ConfigError(f"--table-steps must list step counts out of 1, 2, 4, e.g. \"1,2,4\" or \"2\" "
                           f"(got {cfg.table_steps!r})")
     steps = sorted(int(p) for p in parts)
+    names = [p.strip() for p in cfg.table_inits.split(",")]
+    if not set(names) <= set(INITS) or len(set(names)) != len(names) or not names:
+        raise ConfigError(f"--table-inits must list distinct inits out of {','.join(INITS)} (got {cfg.table_inits!r})")
+    inits = [i for i in INITS if i in names]  # the table's row order
     t0 = time.time()
-    ensure_stage2(cfg)
+    ensure_stage2(cfg, inits)
     device = pick_device(cfg.device)
     # Each finished run is recorded at once with the settings it ran under; `--table --resume` reuses the runs
     # recorded under today's settings and trains only the rest (a 2-hour table survives an interruption).
     done_path = os.path.join(cfg.out_dir, "dmd_table_runs.json")
     how = lambda c: {k: v for k, v in c.items() if k not in ("resume", "device", "table_seeds", "table_steps",
-                                                              "out_dir")}
+                                                              "table_inits", "out_dir")}
     settings = how(asdict(cfg))  # how the runs train (not where they are kept: a table folder may move)
     done = json.load(open(done_path)) if cfg.resume and os.path.exists(done_path) else {}
     done = {k: v for k, v in done.items() if how({**asdict(Config()), **v["settings"]}) == settings}  # new: default
@@ -405,7 +412,7 @@ def table(cfg):
                                              "table": False, "resume": False})
     # The 2-step rows (the headline, with their seeds) train first, so an interrupted table has them.
     for n in sorted(steps, key=lambda n: n != 2):
-        for init in INITS:
+        for init in inits:
             for seed in seeds(n):
                 run, key = run_cfg(init, n, seed), f"{init} {n}-step seed {seed}"
                 if key in done and os.path.exists(checkpoint_path(run)):
@@ -417,7 +424,7 @@ def table(cfg):
                 json.dump(done, open(done_path + ".tmp", "w"), indent=1)
                 os.replace(done_path + ".tmp", done_path)
     rows = []
-    for init in INITS:
+    for init in inits:
         for n in steps:
             gen_model, _ = load_generator(checkpoint_path(run_cfg(init, n, cfg.seed)), device)
             speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=n < 4)

@@ -233,10 +233,28 @@ def test_a_shipped_teacher_cannot_be_resumed_and_the_error_says_why(tmp_path):
 
 @pytest.mark.parametrize("spec", ["3", "2,2", "", "two"])
 def test_table_steps_must_be_distinct_step_counts_and_say_so_before_any_work(tmp_path, monkeypatch, spec):
-    monkeypatch.setattr(dmd, "ensure_stage2", lambda cfg: pytest.fail("the table started work before validating"))
+    monkeypatch.setattr(dmd, "ensure_stage2", lambda *a: pytest.fail("the table started work before validating"))
     with pytest.raises(M.ConfigError, match="--table-steps must list step counts out of 1, 2, 4"):
         dmd.table(dmd.Config(table=True, table_steps=spec, out_dir=str(tmp_path)))
     assert os.listdir(tmp_path) == []  # nothing trained, nothing written
+
+
+@pytest.mark.parametrize("spec", ["", "causal_cd,causal_cd", "causal_cd,wan"])
+def test_table_inits_must_be_distinct_known_inits_and_say_so_before_any_work(tmp_path, monkeypatch, spec):
+    monkeypatch.setattr(dmd, "ensure_stage2", lambda *a: pytest.fail("the table started work before validating"))
+    with pytest.raises(M.ConfigError, match="--table-inits must list distinct inits out of bidirectional_ode,"):
+        dmd.table(dmd.Config(table=True, table_inits=spec, out_dir=str(tmp_path)))
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_partial_table_makes_only_its_own_missing_stage2_students(tmp_path, monkeypatch):
+    made = []
+    monkeypatch.setattr(dmd.causal_cd, "train", lambda c: made.append("causal_cd"))
+    monkeypatch.setattr(dmd.ode_init, "train", lambda c: made.append(dmd.ode_init.stage_name(c.teacher)))
+    dmd.ensure_stage2(dmd.Config(out_dir=str(tmp_path)), ["ar_teacher", "causal_ode"])
+    assert made == ["causal_ode"]  # the AR-teacher row needs no student; the other two are not in this table
+    dmd.ensure_stage2(dmd.Config(out_dir=str(tmp_path)))
+    assert made == ["causal_ode", "causal_cd", "causal_ode", "bidirectional_ode"]  # the whole table: all three
 
 
 def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
