@@ -393,7 +393,7 @@ def table(cfg):
                           f"(got {cfg.table_steps!r})")
     steps = sorted(int(p) for p in parts)
     names = [p.strip() for p in cfg.table_inits.split(",")]
-    if not set(names) <= set(INITS) or len(set(names)) != len(names) or not names:
+    if not set(names) <= set(INITS) or len(set(names)) != len(names):
         raise ConfigError(f"--table-inits must list distinct inits out of {','.join(INITS)} (got {cfg.table_inits!r})")
     inits = [i for i in INITS if i in names]  # the table's row order
     t0 = time.time()
