@@ -31,7 +31,8 @@ What to watch in the log: loss_g (0.5 mean g^2, so it tracks |g|), the critic's 
 mean magnitude of the normalised DMD gradient) and, every 10 updates, the evaluator's metrics of EMA samples with
 a second line: how often the next frame misses the motion given the real past and given the model's own past
 (their gap is exposure bias, what self rollout should shrink) and the mean foreground area per frame (a CFG push
-grows the shapes). At the official step sizes on causal CD 2-step (`--table`'s three seeds, as their progress bars
+grows the shapes), and `critic_fit`, how much better the critic fits the generator's clips than the base it
+started from (0 at the start; see `critic_fit`). At the official step sizes on causal CD 2-step (`--table`'s three seeds, as their progress bars
 showed them), |g| stays within 0.78-0.91 and the critic loss within 0.07-0.34 (single batches, noisy) over 100
 updates, with no trend; a critic loss that climbs steadily, or |g| that grows, would suggest the critic has lost
 track of the generator. docs/RESULTS.md, Stage 3, says what DMD does on the toy, measured.
@@ -181,6 +182,24 @@ def critic_loss(critic, x, ctx, t, eps, actions=None):
     return (critic(x_t, t, ctx, actions=actions) - (eps - x)).pow(2).mean()
 
 
+@torch.no_grad()
+def critic_fit(critic, base, x, ctx, actions=None, ts=(50, 200, 400, 600, 800, 950), seed=0):
+    """How far the critic has learned the generator's distribution beyond the base it started from: the critic's
+    flow-matching loss on the generator's clips x, noised at each t of `ts` with fixed noise, over the base's
+    loss on the same inputs, minus 1, averaged over ts. 0 when the critic still equals the base (as at update 0);
+    negative when it fits the generator's clips better. While it stays near 0 the fake score is the base's
+    conditional score and g is the real score's CFG push alone: DMD cannot see the generator's own errors."""
+    g = torch.Generator().manual_seed(seed)
+    ratios = []
+    for t in ts:
+        eps = torch.randn(x.shape, generator=g).to(x.device)
+        tt = torch.full(x.shape[:2], float(t), device=x.device)
+        x_t = add_noise(x, eps, tt)
+        loss = [(m(x_t, tt, ctx, actions=actions) - (eps - x)).pow(2).mean() for m in (critic, base)]
+        ratios.append((loss[0] / loss[1]).item() - 1)
+    return sum(ratios) / len(ratios)
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Training
 
@@ -206,6 +225,7 @@ def train(cfg):
     real, _ = ar_teacher.load_base(cfg, device=device)  # the toy base, or Wan2.1 with --init-weights
     real = prepare(real, cfg.param_dtype).requires_grad_(False)
     critic = prepare(copy.deepcopy(real), cfg.param_dtype, cfg.grad_checkpointing)  # fake score: starts as the base
+    base = real  # (kept for the critic-fit health number when the real score is the exact one)
     if cfg.real_score == "exact":  # the toy's data law itself as the real score; the critic still starts from the base
         real = toy_data.ExactScore()
     critic.train().requires_grad_(True)
@@ -267,7 +287,10 @@ def train(cfg):
         clips, prompts, actions = toy_few_step_samples(model, cfg.eval_clips, cfg.num_steps, cfg.frames_per_block,
                                                        first_block_4step=first_steps is not None)
         m = toy_data.evaluate(clips, prompts, actions=actions)  # a world model: + action accuracy and response
-        tqdm.write(f"{tag} | {toy_data.metric_line(m)}")
+        m["critic_fit"] = critic_fit(critic.eval(), base, clips.to(device), toy_data.TextEncoder()(prompts).to(device),
+                                     None if actions is None else actions.to(device))
+        critic.train()
+        tqdm.write(f"{tag} | {toy_data.metric_line(m)} critic_fit {m['critic_fit']:+.2%}")
         if not cfg.actions:  # the exposure report asks about the plain toy's law (constant velocity)
             m.update(toy_exposure_report(model, clips, prompts, steps, cfg.frames_per_block, n=cfg.eval_clips))
             tqdm.write(f"{'':{len(tag)}} | {exposure_line(m)}")
@@ -348,7 +371,7 @@ def train(cfg):
         gif, clips, ncols=9, labels=prompts, title=f"DMD from {cfg.init}, {cfg.num_steps}-step"
         f"{' (block 0: 4-step)' if first_steps else ''}, {cfg.gen_updates} generator updates"))
     metrics = {k: log[-1][k] for k in ((*METRICS, "action_acc", "response") if cfg.actions else
-                                       (*METRICS, "next_off", "own_off", "gap", "area"))}
+                                       (*METRICS, "next_off", "own_off", "gap", "area", "critic_fit"))}
     print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}, samples {gif}")
     return metrics, minutes
 

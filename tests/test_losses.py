@@ -191,6 +191,26 @@ def test_dmd_critic_loss_by_hand_and_zero_for_the_exact_velocity():
     assert torch.allclose(critic.calls[0]["x"], x_t, atol=1e-6)
 
 
+def test_critic_fit_is_zero_for_the_base_and_the_loss_ratio_otherwise():
+    """critic_fit = mean over t of (critic's flow-matching loss / base's loss on the same noised clips) - 1:
+    exactly 0 for a critic equal to the base (DMD's start), and by hand for a
+    stand-in (fixed noise per t from the seed)."""
+    x, ctx = rand(2, 3, 3, 4, 4, seed=18), rand(2, 2, 32, seed=19)
+    base = StandIn(0.4, b=0.5)
+    assert dmd.critic_fit(StandIn(0.4, b=0.5), base, x, ctx) == 0.0
+    ts = (100.0, 700.0)
+    critic = StandIn(-0.2, b=0.1)
+    got = dmd.critic_fit(critic, base, x, ctx, ts=ts, seed=3)
+    g, want = torch.Generator().manual_seed(3), []
+    for t in ts:
+        eps = torch.randn(x.shape, generator=g)
+        s = t / 1000
+        x_t = (1 - s) * x + s * eps
+        loss = lambda a, b: (a * x_t + b * c0(ctx) - (eps - x)).pow(2).mean()
+        want.append((loss(-0.2, 0.1) / loss(0.4, 0.5)).item() - 1)
+    assert abs(got - sum(want) / 2) < 1e-6
+
+
 # --- updates --------------------------------------------------------------------------------------------------------
 
 def test_ema_update_is_decay_times_ema_plus_rest_times_model():
