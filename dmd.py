@@ -287,13 +287,16 @@ def train(cfg):
         clips, prompts, actions = toy_few_step_samples(model, cfg.eval_clips, cfg.num_steps, cfg.frames_per_block,
                                                        first_block_4step=first_steps is not None)
         m = toy_data.evaluate(clips, prompts, actions=actions)  # a world model: + action accuracy and response
-        m["critic_fit"] = critic_fit(critic.eval(), base, clips.to(device), toy_data.TextEncoder()(prompts).to(device),
-                                     None if actions is None else actions.to(device))
+        tqdm.write(f"{tag} | {toy_data.metric_line(m)}")
+        fit = critic_fit(critic.eval(), base, clips.to(device), toy_data.TextEncoder()(prompts).to(device),
+                         None if actions is None else actions.to(device))
         critic.train()
-        tqdm.write(f"{tag} | {toy_data.metric_line(m)} critic_fit {m['critic_fit']:+.2%}")
+        line = f"critic_fit {fit:+.2%}"
         if not cfg.actions:  # the exposure report asks about the plain toy's law (constant velocity)
             m.update(toy_exposure_report(model, clips, prompts, steps, cfg.frames_per_block, n=cfg.eval_clips))
-            tqdm.write(f"{'':{len(tag)}} | {exposure_line(m)}")
+            line = f"{exposure_line(m)} | {line}"
+        m["critic_fit"] = fit
+        tqdm.write(f"{'':{len(tag)}} | {line}")
         model.train()
         return m, clips
 
