@@ -30,12 +30,14 @@ no past to lean on), later blocks with the short list; each list has its own ran
 What to watch in the log: loss_g (0.5 mean g^2, so it tracks |g|), the critic's flow-matching loss, |g| (the
 mean magnitude of the normalised DMD gradient) and, every 10 updates, the evaluator's metrics of EMA samples with
 a second line: how often the next frame misses the motion given the real past and given the model's own past
-(their gap is exposure bias, what self rollout should shrink) and the mean foreground area per frame (a CFG push
-grows the shapes), and `critic_fit`, how much better the critic fits the generator's clips than the base it
-started from (0 at the start; see `critic_fit`). At the official step sizes on causal CD 2-step (`--table`'s three seeds, as their progress bars
-showed them), |g| stays within 0.78-0.91 and the critic loss within 0.07-0.34 (single batches, noisy) over 100
-updates, with no trend; a critic loss that climbs steadily, or |g| that grows, would suggest the critic has lost
-track of the generator. docs/RESULTS.md, Stage 3, says what DMD does on the toy, measured.
+(their gap is exposure bias, what self rollout should shrink), the mean foreground area per frame (a CFG push
+grows the shapes) and `critic_fit`, how much better the critic fits the generator's clips than the base it started
+from (0 at the start, negative once it has learned the generator). At the official step sizes on causal CD 2-step
+(`--table`'s three seeds, as their progress bars showed them), |g| stays within 0.78-0.91 and the critic loss
+within 0.07-0.34 (single batches, noisy) over 100 updates, with no trend (a critic loss that climbs steadily, or
+|g| that grows, would suggest the critic has lost track of the generator), and critic_fit ends at -1.7 +- 0.1%:
+the fake score has barely left the base, so g is mostly the real score's CFG push. docs/RESULTS.md, Stage 3, says what
+DMD does on the toy, measured, and what the critic does ("Does the critic learn the generator?").
 
 Differences from the official code (thu-ml/Causal-Forcing, guandeh17/Self-Forcing): the real score is the
 toy's bidirectional base (officially Wan2.1-14B), or with --real-score exact the toy's exact data score; the critic
