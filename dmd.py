@@ -33,10 +33,10 @@ a second line: how often the next frame misses the motion given the real past an
 (their gap is exposure bias, what self rollout should shrink), the mean foreground area per frame (a CFG push
 grows the shapes) and `critic_fit`, how much better the critic fits the generator's clips than the base it started
 from (0 at the start, negative once it has learned the generator). At the official step sizes on causal CD 2-step
-(`--table`'s three seeds, as their progress bars showed them), |g| stays within 0.78-0.91 and the critic loss
-within 0.07-0.34 (single batches, noisy) over 100 updates, with no trend (a critic loss that climbs steadily, or
-|g| that grows, would suggest the critic has lost track of the generator), and critic_fit ends at -1.7 +- 0.1%:
-the fake score has barely left the base, so g is mostly the real score's CFG push. docs/RESULTS.md, Stage 3, says what
+(`--seed 0/1/2`, as their progress bars showed them), |g| stays within 0.80-0.92 and the critic loss within
+0.07-0.31 (single batches, noisy) over 100 updates, with no trend (a critic loss that climbs steadily, or |g| that
+grows, would suggest the critic has lost track of the generator), and critic_fit ends at -1.7 +- 0.1%: the fake
+score has barely left the base, so g stays close to the real score's CFG push. docs/RESULTS.md, Stage 3, says what
 DMD does on the toy, measured, and what the critic does ("Does the critic learn the generator?").
 
 Differences from the official code (thu-ml/Causal-Forcing, guandeh17/Self-Forcing): the real score is the
@@ -189,8 +189,9 @@ def critic_fit(critic, base, x, ctx, actions=None, ts=(50, 200, 400, 600, 800, 9
     """How far the critic has learned the generator's distribution beyond the base it started from: the critic's
     flow-matching loss on the generator's clips x, noised at each t of `ts` with fixed noise, over the base's
     loss on the same inputs, minus 1, averaged over ts. 0 when the critic still equals the base (as at update 0);
-    negative when it fits the generator's clips better. While it stays near 0 the fake score is the base's
-    conditional score and g is the real score's CFG push alone: DMD cannot see the generator's own errors."""
+    negative when it fits the generator's clips better. A mean near 0 can hide a gain at one t and a loss at
+    another; near 0 at every t, the fake score is, as far as the generator's clips can tell, still the base's
+    conditional score, and g is close to the real score's CFG push."""
     g = torch.Generator().manual_seed(seed)
     ratios = []
     for t in ts:
