@@ -193,8 +193,8 @@ def test_dmd_critic_loss_by_hand_and_zero_for_the_exact_velocity():
 
 def test_critic_fit_is_zero_for_the_base_and_the_loss_ratio_otherwise():
     """critic_fit = mean over t of (critic's flow-matching loss / base's loss on the same noised clips) - 1:
-    exactly 0 for a critic equal to the base (DMD's start), and by hand for a
-    stand-in (fixed noise per t from the seed)."""
+    exactly 0 for a critic equal to the base (DMD's start), and by hand for a stand-in (fixed noise per t from the
+    seed)."""
     x, ctx = rand(2, 3, 3, 4, 4, seed=18), rand(2, 2, 32, seed=19)
     base = StandIn(0.4, b=0.5)
     assert dmd.critic_fit(StandIn(0.4, b=0.5), base, x, ctx) == 0.0
