@@ -197,7 +197,8 @@ def critic_fit(critic, base, x, ctx, actions=None, ts=(50, 200, 400, 600, 800, 9
     for t in ts:
         eps = torch.randn(x.shape, generator=g).to(x.device)
         tt = torch.full(x.shape[:2], float(t), device=x.device)
-        loss = [critic_loss(m, x, ctx, tt, eps, actions) for m in (critic, base)]
+        x_t = add_noise(x, eps, tt)
+        loss = [(m(x_t, tt, ctx, actions=actions) - (eps - x)).pow(2).mean() for m in (critic, base)]
         ratios.append((loss[0] / loss[1]).item() - 1)
     return sum(ratios) / len(ratios)
 

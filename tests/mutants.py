@@ -54,9 +54,8 @@ MUTANTS = [
            "return (critic(x_t, t, ctx, actions=actions) - (x - eps)).pow(2)", [L]),
     Mutant("dmd_critic_fit_inverted", "dmd.py", "ratios.append((loss[0] / loss[1]).item() - 1)",
            "ratios.append((loss[1] / loss[0]).item() - 1)", [L]),
-    Mutant("dmd_critic_fit_one_noise", "dmd.py", "eps = torch.randn(x.shape, generator=g).to(x.device)\n        tt = torch.full(x.shape[:2], float(t)",
-           "eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device)\n"
-           "        tt = torch.full(x.shape[:2], float(t)", [L]),
+    Mutant("dmd_critic_fit_one_noise", "dmd.py", "eps = torch.randn(x.shape, generator=g).to(x.device)\n        tt",
+           "eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(x.device)\n        tt", [L]),
     # --- the updates ------------------------------------------------------------------------------------------
     Mutant("ema_decay_inverted", "model.py", "p_ema.lerp_(p, 1 - decay)", "p_ema.lerp_(p, decay)", [L]),
     Mutant("lean_no_momentum_bias_correction", "wan_scale.py", "g = m / (1 - b1 ** n)", "g = m", [L]),
