@@ -377,7 +377,8 @@ def train(cfg):
         gif, clips, ncols=9, labels=prompts, title=f"DMD from {cfg.init}, {cfg.num_steps}-step"
         f"{' (block 0: 4-step)' if first_steps else ''}, {cfg.gen_updates} generator updates"))
     metrics = {k: log[-1][k] for k in ((*METRICS, "action_acc", "response") if cfg.actions else
-                                       (*METRICS, "next_off", "own_off", "gap", "area", "critic_fit"))}
+                                       (*METRICS, "next_off", "own_off", "gap", "own_off_rigid", "own_rigid", "area",
+                                        "critic_fit"))}
     print(f"dmd: {cfg.gen_updates} generator / {total} critic updates, {minutes:.1f} min -> {path}, samples {gif}")
     return metrics, minutes
 
@@ -461,8 +462,8 @@ def table(cfg):
                              **speed))
     json.dump(rows, open(os.path.join(cfg.out_dir, "dmd_table.json"), "w"), indent=1)
     real_clips, real_prompts = toy_data.sample_clips(cfg.eval_clips, seed=0)
-    real = {**toy_data.evaluate(real_clips, real_prompts),
-            "own_off": toy_data.own_step_report(real_clips, real_prompts)["off"]}
+    own = toy_data.own_step_report(real_clips, real_prompts)
+    real = {**toy_data.evaluate(real_clips, real_prompts), "own_off": own["off"], "own_off_rigid": own["off_rigid"]}
     text = table_markdown(rows, real)
     with open(os.path.join(cfg.out_dir, TABLE_MD), "w") as f:
         f.write(text + "\n")
@@ -472,26 +473,31 @@ def table(cfg):
     return rows
 
 
-TABLE_KEYS = ("blur", "second_moment", "prompt_acc", "motion", "physics", "fd", "next_off", "own_off")
+TABLE_KEYS = ("blur", "second_moment", "prompt_acc", "motion", "physics", "fd", "next_off", "own_off",
+              "own_off_rigid")
 
 
 def table_markdown(rows, real):
     """The table as markdown: one line before and one after DMD per row; mean +- sd (n = seeds) over seeds."""
     def cell(values, k):
-        fmt = (lambda v: f"{v:.1f}") if k == "fd" else (lambda v: f"{100 * v:.1f}%") if k.endswith("_off") else \
+        fmt = (lambda v: f"{v:.1f}") if k == "fd" else (lambda v: f"{100 * v:.1f}%") if "_off" in k else \
             (lambda v: f"{v:.3f}")
+        if None in values:  # a run recorded before the number existed
+            return "-"
         if len(values) == 1:
             return fmt(values[0])
         t = torch.tensor(values, dtype=torch.float64)
         return f"{fmt(t.mean().item())} +- {fmt(t.std().item())}"
 
-    head = ("| init | steps | | seeds | " + " | ".join(TABLE_KEYS).replace("next_off", "next frame off (real past)")
-            .replace("own_off", "next frame off (own past)") + " | frames/s | first-frame latency | DMD time |")
+    names = dict(next_off="next frame off (real past)", own_off="next frame off (own past)",
+                 own_off_rigid="own past, shape keeps its size")
+    head = ("| init | steps | | seeds | " + " | ".join(names.get(k, k) for k in TABLE_KEYS)
+            + " | frames/s | first-frame latency | DMD time |")
     lines = [head, "|---|---|---|---|" + "---|" * len(TABLE_KEYS) + "---|---|---|"]
     for r in rows:
         for when in ("before", "after"):
             runs = r["runs"][:1] if when == "before" else r["runs"]  # the init is the same for every seed
-            cells = " | ".join(cell([x[when][k] for x in runs], k) for k in TABLE_KEYS)
+            cells = " | ".join(cell([x[when].get(k) for x in runs], k) for k in TABLE_KEYS)
             minutes = sum(x["minutes"] for x in r["runs"]) / len(r["runs"])
             extra = (f"{r['fps']:.0f} | {1000 * r['first_frame_s']:.1f} ms | {minutes:.1f} min" if when == "after"
                      else " | | ")

@@ -222,8 +222,10 @@ def toy_exposure_report(model, clips, prompts, steps, frames_per_block=1, n=72, 
     >= 0.5 px (a) when the model continues the *real* past of n clips (the real frames written block by block into
     the cache at t = 0, then one block of the few-step sampler: what teacher forcing trained), and (b) on its own
     `clips` (frame i vs the continuation of its own frames i-2, i-1), and the gap (b) - (a). DMD's self rollout
-    trains on the model's own past, so it should shrink (b) and the gap. Also the mean foreground area per frame
-    (px), where DMD's CFG push shows up as shapes that grow."""
+    trains on the model's own past, so it should shrink (b) and the gap. (b) is also given where the shape keeps its
+    size over the three frames (own_off_rigid; own_rigid: how often it does): a resized shape moves its measured
+    position by half the change, and on the toy that, not the motion, is most of (b). Also the mean foreground
+    area per frame (px), where DMD's CFG push shows up as shapes that grow."""
     dev = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     text = toy_data.TextEncoder()
@@ -239,12 +241,14 @@ def toy_exposure_report(model, clips, prompts, steps, frames_per_block=1, n=72, 
     real_past = toy_data.next_block_report(continue_clip, n, frames_per_block, seed=seed)
     own = toy_data.own_step_report(clips, prompts)
     return dict(next_off=real_past["off"], own_off=own["off"], gap=own["off"] - real_past["off"],
+                own_rigid=own["rigid"], own_off_rigid=own["off_rigid"],
                 area=[round(a, 1) for a in toy_data.area_per_frame(clips).tolist()])
 
 
 def exposure_line(r):
     return (f"next frame off >= 0.5 px: real past {r['next_off']:.1%}, own past {r['own_off']:.1%} "
-            f"(gap {r['gap']:+.1%}) | area/frame {r['area']}")
+            f"(gap {r['gap']:+.1%}; {r['own_off_rigid']:.1%} where the shape keeps its size, "
+            f"{r['own_rigid']:.0%} of frames) | area/frame {r['area']}")
 
 
 def toy_few_step_report(model, name, n, frames_per_block, out_dir, write_gif=True):

@@ -518,8 +518,11 @@ def own_step_report(clips, prompts, tol=0.5):
     previous two measured positions (the true shape's walls), so it asks what teacher forcing trained the model
     to do, but on the model's own past. Beside the same question asked with the *real* past
     (`next_block_report`), the gap between the two is the exposure bias that DMD's self rollout targets.
+    A shape that changes size moves its measured position by half the change (step_report), so the checks are
+    also split by whether the three frames' foreground boxes are equal: `off_rigid` is the fraction off among
+    those rigid triples (the motion itself wrong), `rigid` the fraction of triples that are rigid.
     Returns dict(off: fraction of coordinates off by >= tol px, a frame of the three without a shape counting as
-    off; per_frame: that fraction for frames 2..F-1). Real clips score 0 (a test)."""
+    off; per_frame: that fraction for frames 2..F-1; rigid; off_rigid). Real clips score 0 / 1 / 0 (a test)."""
     shapes = prompt_indices(prompts)[:, 1]
     pos, valid = measure_positions(clips, shapes)  # (B, F, 2), (B, F)
     lo = HALF_EXTENT[shapes][:, None]  # (B, 1, 2)
@@ -528,7 +531,20 @@ def own_step_report(clips, prompts, tol=0.5):
     pred = torch.where(pred > hi, 2 * hi - pred, torch.where(pred < lo, 2 * lo - pred, pred))  # reflect at a wall
     ok = valid[:, 2:] & valid[:, 1:-1] & valid[:, :-2]  # (B, F-2)
     off = ((pos[:, 2:] - pred).abs() >= tol) | ~ok[..., None]  # (B, F-2, 2)
-    return dict(off=off.float().mean().item(), per_frame=off.float().mean((0, 2)).tolist())
+    size = box_size(clips)
+    rigid = ((size[:, 2:] == size[:, 1:-1]) & (size[:, 1:-1] == size[:, :-2])).all(-1)  # (B, F-2)
+    return dict(off=off.float().mean().item(), per_frame=off.float().mean((0, 2)).tolist(),
+                rigid=rigid.float().mean().item(),
+                off_rigid=off[rigid].float().mean().item() if rigid.any() else float("nan"))
+
+
+def box_size(clips):
+    """(B, F, 2) width - 1 and height - 1 of each frame's foreground bounding box (pixels with any channel > 0;
+    -1 - SIZE for an empty frame). A rigid shape keeps it from frame to frame."""
+    fg = torch.as_tensor(clips).float().cpu().max(dim=2).values > 0  # (B, F, H, W) foreground
+    idx = torch.arange(SIZE, dtype=torch.float32)
+    return torch.stack([torch.where(m, idx, -1.0).amax(-1) - torch.where(m, idx, float(SIZE)).amin(-1)
+                        for m in (fg.any(2), fg.any(3))], -1)
 
 
 def step_report(clips, prompts, tol=0.5):
@@ -542,10 +558,7 @@ def step_report(clips, prompts, tol=0.5):
     pos, valid = measure_positions(clips, prompt_indices(prompts)[:, 1])  # (B, F, 2), (B, F)
     step = (pos[:, 1:] - pos[:, :-1]).abs()  # (B, F-1, 2)
     off = ((step - SPEED).abs() >= tol) | ~(valid[:, 1:] & valid[:, :-1])[..., None]
-    fg = clips.max(dim=2).values > 0  # (B, F, H, W) foreground
-    idx = torch.arange(SIZE, dtype=torch.float32)
-    size = torch.stack([torch.where(m, idx, -1.0).amax(-1) - torch.where(m, idx, float(SIZE)).amin(-1)
-                        for m in (fg.any(2), fg.any(3))], -1)  # (B, F, 2) bounding box width - 1, height - 1
+    size = box_size(clips)  # (B, F, 2)
     resized = (size[:, 1:] != size[:, :-1]).any(-1)  # (B, F-1)
     return dict(off=off.float().mean().item(), per_pair=off.float().mean((0, 2)).tolist(),
                 resized=resized.float().mean().item())

@@ -182,6 +182,13 @@ MUTANTS = [
            ["tests/test_resume.py"]),
     Mutant("step_report_width_only", "toy_data.py", "resized = (size[:, 1:] != size[:, :-1]).any(-1)",
            "resized = size[:, 1:, 1] != size[:, :-1, 1]", ["tests/test_toy_data.py"]),
+    Mutant("own_step_rigid_one_axis", "toy_data.py",
+           "rigid = ((size[:, 2:] == size[:, 1:-1]) & (size[:, 1:-1] == size[:, :-2])).all(-1)",
+           "rigid = ((size[:, 2:] == size[:, 1:-1]) & (size[:, 1:-1] == size[:, :-2])).any(-1)",
+           ["tests/test_toy_data.py"]),
+    Mutant("own_step_rigid_two_frames", "toy_data.py",
+           "rigid = ((size[:, 2:] == size[:, 1:-1]) & (size[:, 1:-1] == size[:, :-2])).all(-1)",
+           "rigid = (size[:, 2:] == size[:, 1:-1]).all(-1)", ["tests/test_toy_data.py"]),
     # --- the static streaming step (wan_scale.FastStep) ------------------------------------------------------------
     Mutant("fast_rope_position_off", "wan_scale.py", "frame_pos.copy_(torch.arange(start_frame, start_frame + nF))",
            "frame_pos.copy_(torch.arange(start_frame, start_frame + nF) + 1)", [FS]),

@@ -30,7 +30,8 @@ def skip_evaluations(mp_):
     mp_.setattr(ar_teacher, "report", lambda *a: ({}, torch.zeros(1, 6, 3, 16, 16)))
     mp_.setattr(dmd, "toy_few_step_samples", lambda model, n, *a, **k: (torch.zeros(n, 6, 3, 16, 16), ["red circle"] * n,
                                                                       None))
-    mp_.setattr(dmd, "toy_exposure_report", lambda *a, **k: dict(next_off=0.0, own_off=0.0, gap=0.0, area=[0.0] * 6))
+    mp_.setattr(dmd, "toy_exposure_report", lambda *a, **k: dict(next_off=0.0, own_off=0.0, gap=0.0,
+                                                                    own_off_rigid=0.0, own_rigid=1.0, area=[0.0] * 6))
 
 
 def _process(rank, world, port, root):

@@ -232,7 +232,8 @@ def test_smoke_dmd_resume_and_errors(tiny_teachers):
     dmd.train(dmd_run(tiny_teachers, num_steps=2, gen_updates=3, resume=True))
     ckpt = M.load_checkpoint(path, stage="dmd")
     assert ckpt["iteration"] == 6 and [r["update"] for r in ckpt["log"]] == [0, 1, 2, 3]
-    assert {"area", "next_off", "own_off", "gap"} <= set(ckpt["log"][0]) and len(ckpt["log"][0]["area"]) == 6
+    assert {"area", "next_off", "own_off", "gap", "own_off_rigid", "own_rigid"} <= set(ckpt["log"][0])
+    assert len(ckpt["log"][0]["area"]) == 6
     with pytest.raises(ValueError, match=r"other settings.*'lr': \(2e-06, 0.001\)"):
         dmd.train(dmd_run(tiny_teachers, num_steps=2, gen_updates=4, resume=True, lr=1e-3))
     # the DMD generator streams through the CLI with its own step count
@@ -330,3 +331,20 @@ def test_recache_of_a_rolling_window_reencodes_only_what_it_holds():
     _, s = switched_stream(m, recache=True, window=3, n=9, at=6)
     assert s.recache_calls == 3  # at the switch the ring holds frames 3, 4, 5 of the 6 generated
     assert sorted(s.held) == s.cache.visible_frames() == [6, 7, 8]  # the frames kept are exactly the cache's
+
+
+def test_table_markdown_gives_mean_and_sd_over_seeds_and_a_dash_for_a_number_a_run_did_not_record():
+    keys = dmd.TABLE_KEYS
+    before = {k: 0.5 for k in keys}
+    runs = [dict(before=before, after={**before, "fd": 10.0, "own_off": 0.1, "own_off_rigid": 0.02}, minutes=2.0),
+            dict(before=before, after={**{k: 0.5 for k in keys if k != "own_off_rigid"}, "fd": 14.0, "own_off": 0.3},
+                 minutes=4.0)]  # a run recorded before own_off_rigid existed
+    text = dmd.table_markdown([dict(init="causal_cd", steps=2, runs=runs, fps=100.0, first_frame_s=0.01)],
+                              {"fd": 0.4, "own_off": 0.0, "own_off_rigid": 0.0})
+    head, _, before_line, after_line, real_line = text.split("\n")
+    assert "next frame off (own past) | own past, shape keeps its size | frames/s" in head
+    cells = [c.strip() for c in after_line.split("|")]
+    assert cells[keys.index("fd") + 5] == "12.0 +- 2.8" and cells[keys.index("own_off") + 5] == "20.0% +- 14.1%"
+    assert cells[keys.index("own_off_rigid") + 5] == "-" and cells[-2] == "3.0 min" and cells[4] == "2"
+    assert [c.strip() for c in before_line.split("|")][keys.index("own_off_rigid") + 5] == "50.0%"
+    assert [c.strip() for c in real_line.split("|")][keys.index("fd") + 5] == "0.4"

@@ -308,9 +308,22 @@ def test_own_step_report_is_zero_on_real_clips_and_flags_a_frame_that_breaks_the
     # frame 2 is untouched; frame 3 is off on both axes (a 1 px step expected, 0 seen); frames 4 and 5 continue a
     # past that now contains the stop, so they are off too except where a bounce happens to cancel it
     assert r["per_frame"][:2] == [0.0, 1.0] and min(r["per_frame"][2:]) > 0.5
+    assert r["rigid"] == 1.0 and r["off_rigid"] == r["off"]  # a stopped shape keeps its size: the motion is off
     empty = clips.clone()
     empty[:, 5] = -1.0  # an empty frame counts as off
     assert toy_data.own_step_report(empty, prompts)["per_frame"][-1] == 1.0
+
+
+def test_own_step_report_splits_off_a_shape_that_changes_size():
+    clips, prompts = toy_data.sample_clips(64, seed=5)
+    assert toy_data.own_step_report(clips, prompts)["rigid"] == 1.0
+    grown = clips.clone()
+    grown[:, 3] = torch.maximum(clips[:, 3], clips[:, 3].roll(1, dims=-1))  # frame 3's shape one column wider
+    r = toy_data.own_step_report(grown, prompts)
+    # only the check of frame 2 (frames 0-1-2) keeps one size; frame 3's centroid moved half a pixel, so the
+    # checks through it are off, all on resized triples: nothing is off where the shape keeps its size
+    assert r["rigid"] == pytest.approx(1 / (toy_data.FRAMES - 2)) and r["off_rigid"] == 0.0
+    assert r["per_frame"][0] == 0.0 and r["per_frame"][1] > 0.4 and r["off"] > 0.1
 
 
 def test_next_block_report_scores_the_continuation_of_the_real_past():
