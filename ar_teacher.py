@@ -473,7 +473,7 @@ def report(ema, cfg, name, text, minutes):
         own = toy_data.own_step_report(clips, eval_p)
         print(f"{pad} | the same on its own rollouts (frame i vs its own frames i-2, i-1): "
               f"{own['off']:.1%} off by >= 0.5 px; exposure-bias gap {own['off'] - nf['off']:+.1%}; "
-              f"{own['off_rigid']:.1%} off where the shape keeps its size ({own['rigid']:.0%} of frames)")
+              f"{own['off_rigid']:.1%} off where the shape keeps its size ({own['rigid']:.0%} of checks)")
         if cfg.frames_per_block == 1:  # where the physics residual comes from: the free first step or later
             pr = toy_data.prefix_report(continuation(ema, cfg, text), n)
             print(f"{pad} | rollouts continuing 0 / 1 / 2 real frames: physics "

@@ -248,7 +248,7 @@ def toy_exposure_report(model, clips, prompts, steps, frames_per_block=1, n=72, 
 def exposure_line(r):
     return (f"next frame off >= 0.5 px: real past {r['next_off']:.1%}, own past {r['own_off']:.1%} "
             f"(gap {r['gap']:+.1%}; {r['own_off_rigid']:.1%} where the shape keeps its size, "
-            f"{r['own_rigid']:.0%} of frames) | area/frame {r['area']}")
+            f"{r['own_rigid']:.0%} of checks) | area/frame {r['area']}")
 
 
 def toy_few_step_report(model, name, n, frames_per_block, out_dir, write_gif=True):
