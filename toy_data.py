@@ -547,6 +547,16 @@ def box_size(clips):
                         for m in (fg.any(2), fg.any(3))], -1)
 
 
+def true_box_per_frame(clips, prompts):
+    """(F,) fraction of clips whose frame f has the foreground box of the prompt's shape as the renderer draws it
+    (the same at every lattice position, so it is read off each shape drawn against its walls; 1 on real clips, a
+    test). A model can move a shape rigidly at the wrong size; this asks whether it draws the right one."""
+    shapes = torch.arange(len(SHAPES))
+    true = box_size(render(shapes, torch.zeros_like(shapes), HALF_EXTENT[:, None]))  # (3, 1, 2)
+    want = true[prompt_indices(prompts)[:, 1]]  # (B, 1, 2)
+    return (box_size(clips) == want).all(-1).float().mean(0)
+
+
 def step_report(clips, prompts, tol=0.5):
     """Which frame pairs break the motion law? In a real clip every step is exactly SPEED px per axis (bounces
     included), so this measures, for each consecutive pair (0-1, 1-2, ...), the fraction of coordinates whose step

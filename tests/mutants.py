@@ -182,6 +182,8 @@ MUTANTS = [
            ["tests/test_resume.py"]),
     Mutant("step_report_width_only", "toy_data.py", "resized = (size[:, 1:] != size[:, :-1]).any(-1)",
            "resized = size[:, 1:, 1] != size[:, :-1, 1]", ["tests/test_toy_data.py"]),
+    Mutant("true_box_one_axis", "toy_data.py", "return (box_size(clips) == want).all(-1).float().mean(0)",
+           "return (box_size(clips) == want).any(-1).float().mean(0)", ["tests/test_toy_data.py"]),
     Mutant("own_step_rigid_one_axis", "toy_data.py",
            "rigid = ((size[:, 2:] == size[:, 1:-1]) & (size[:, 1:-1] == size[:, :-2])).all(-1)",
            "rigid = ((size[:, 2:] == size[:, 1:-1]) & (size[:, 1:-1] == size[:, :-2])).any(-1)",

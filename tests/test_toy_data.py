@@ -326,6 +326,17 @@ def test_own_step_report_splits_off_a_shape_that_changes_size():
     assert r["per_frame"][0] == 0.0 and r["per_frame"][1] > 0.4 and r["off"] > 0.1
 
 
+def test_true_box_per_frame_is_one_on_real_clips_and_zero_for_a_frame_drawn_too_wide():
+    clips, prompts = toy_data.sample_clips(64, seed=5)
+    assert toy_data.true_box_per_frame(clips, prompts).tolist() == [1.0] * toy_data.FRAMES
+    grown = clips.clone()
+    grown[:, 3] = torch.maximum(clips[:, 3], clips[:, 3].roll(1, dims=-1))  # frame 3's shape one column wider
+    assert toy_data.true_box_per_frame(grown, prompts).tolist() == [1.0, 1.0, 1.0, 0.0, 1.0, 1.0]
+    swapped = ["red square" if "circle" in p else p for p in prompts]  # a rigid circle is not the square asked for
+    want = torch.tensor([0.0 if "circle" in p else 1.0 for p in prompts]).mean().item()
+    assert toy_data.true_box_per_frame(clips, swapped).tolist() == pytest.approx([want] * toy_data.FRAMES)
+
+
 def test_next_block_report_scores_the_continuation_of_the_real_past():
     def oracle(prefix, noise, prompts):  # re-render the true next frame from the prompts' trajectories
         traj = toy_data.sample_trajectories(len(prompts), seed=4321, prompts=prompts)
