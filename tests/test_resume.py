@@ -204,6 +204,30 @@ def test_causal_cd_resume_restores_everything(run_dir, monkeypatch):
     assert killed["step"] == 2
 
 
+@pytest.mark.parametrize("stage", ["causal_cd", "causal_ode"])
+def test_a_finished_stage2_run_continued_to_more_steps_equals_one_longer_run(run_dir, stage):
+    # how docs/RESULTS.md measures stage-2 length: a finished N-step run, rerun with --resume --steps 2N, must
+    # be the 2N-step run (both keep a constant lr after warmup; all their randomness is in the saved generator)
+    if stage == "causal_cd":
+        train, gen_key = causal_cd.train, "data_gen"
+        make = lambda steps, **kw: causal_cd.Config(steps=steps, batch_size=2, warmup=1, ckpt_every=100,
+                                                    out_dir=str(run_dir), **kw)
+        path = causal_cd.checkpoint_path(make(2))
+    else:
+        train, gen_key = ode_init.train, "gen"
+        make = lambda steps, **kw: ode_init.Config(teacher="ar", num_pairs=8, steps=steps, batch_size=4, warmup=1,
+                                                   ckpt_every=100, out_dir=str(run_dir), **kw)
+        path = ode_init.student_path(make(2))
+    train(make(4))
+    straight = M.load_checkpoint(path)
+    train(make(2))
+    assert M.load_checkpoint(path)["step"] == 2
+    train(make(4, resume=True))
+    continued = M.load_checkpoint(path)
+    for k in ("model", "ema", "optimizer", "step", "history", gen_key):
+        assert_same(straight[k], continued[k], k)
+
+
 def test_dmd_resume_restores_everything(run_dir, monkeypatch):
     # 4 generator updates, 2 critic updates each, checkpoint every 2: killed in the critic update of iteration 5
     # (after the generator update of iteration 4, itself after the iteration-4 checkpoint). The EMA starts at
