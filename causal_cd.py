@@ -50,8 +50,8 @@ from sample_stream import cfg_velocity, toy_few_step_report
 class Config(ScaleOptions):  # ScaleOptions (model.py): --data and the memory options for Wan scale
     toy: bool = False  # the front door: first train whichever toy teacher checkpoint is missing
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
-    steps: int = 300  # student optimizer steps: 300 keep the front door at 3 min; the official README advises >= 3x
-    # causal ODE's steps, and at 1,200 the toy's CD matches causal ODE at 2 steps (docs/RESULTS.md, Stage 2)
+    steps: int = 300  # student optimizer steps: 300 keeps the front door at 3 min; the official README advises
+    # >= 3K (causal ODE: >= 1K), and at 1,200 the toy's CD matches causal ODE at 2 steps (docs/RESULTS.md, Stage 2)
     batch_size: int = 16
     lr: float = 1e-4
     warmup: int = 20
