@@ -19,7 +19,8 @@ just as in causal ODE distillation. Official cost on Wan2.1 (CF++ paper): 2,900 
 0 vs 1,900 GiB of stored trajectories; this script prints the toy's analogue next to ode_init.py's.
 
 Differences from the official code (thu-ml/Causal-Forcing trainer/naive_cd.py): float32 timesteps (the official
-casts t to bf16), a toy learning rate and batch, and the whole toy clip in one teacher-forcing forward.
+casts t to bf16), a toy learning rate, batch and length (300 steps; the official README advises >= 3K, and the
+toy's CD needs ~1,200 to match causal ODE at 2 steps), and the whole toy clip in one teacher-forcing forward.
 
 Commands:
     python causal_cd.py --toy        # from a clean checkout: trains missing teachers, then CD, then samples
