@@ -462,10 +462,11 @@ def report(ema, cfg, name, text, minutes):
     print(f"{pad} | x0 MSE per noise level s, model/exact denoiser: {gap_line(denoiser_gap(ema, cfg, text, 2 * n))}")
     steps = toy_data.step_report(clips, eval_p)
     per_pair = " / ".join(f"{x:.1%}" for x in steps["per_pair"])
+    true_box = toy_data.true_box_per_frame(clips, eval_p)  # (F,)
     print(f"{pad} | steps of {toy_data.SPEED:g} px per axis off by >= 0.5 px, per frame pair: {per_pair} (all "
           f"{steps['off']:.1%}; real clips: 0); shape resized between frames in {steps['resized']:.1%} of pairs "
-          f"(real clips: 0); the shape's true size in " + " / ".join(
-              f"{x:.0%}" for x in toy_data.true_box_per_frame(clips, eval_p)) + " of frames 0-5 (real clips: 100%)")
+          f"(real clips: 0); the shape's true size in " + " / ".join(f"{x:.0%}" for x in true_box)
+          + f" of frames 0-{len(true_box) - 1} (real clips: 100%)")
     if cfg.phase == "ar":
         nf = next_frame_report(ema, cfg, n, text)
         print(f"{pad} | next block given the real past (frames {nf['frames'][0]}-{nf['frames'][1]}): "
