@@ -32,7 +32,10 @@ this on the toy and draws it, next to the exact two-scalar miniature of SPEC §5
 
 Differences from the official code: pairs are generated on the fly into one small file instead of an LMDB, the
 toy uses its own learning rate and an EMA of the student for sampling, and the bidirectional student starts
-from the toy base rather than from Wan2.1.
+from the toy base rather than from Wan2.1. The toy makes 384 pairs; the official release regresses 6K pairs for
+>= 1K steps of 64 (>= 10 passes; the toy's 600 steps of 16 are 25). Stored pairs can be memorised: every toy run
+ends by printing the regression loss on its own pairs beside the loss on unseen ones (--unseen-pairs), and
+docs/RESULTS.md (Stage 2) measures what more pairs change.
 
 Commands (toy, CPU; times in the README):
     python ode_init.py --teacher ar               # pairs + causal-ODE student
@@ -90,6 +93,8 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     exact_teacher: bool = False  # toy only: the pairs come from the toy's exact data law (toy_data.ExactScore, the
     # teacher's question answered perfectly; with --guidance 1) instead of the trained teacher, which the student
     # still starts from -> *_exact.pt: the injectivity failure with no teacher error (docs/RESULTS.md)
+    unseen_pairs: int = 32  # toy: after training, the regression loss on this many new pairs (new clips, new noise)
+    # beside the loss on as many of its training pairs: far lower on its own = memorised pairs; under 1 min; 0: skip
 
 
 def stage_name(teacher):
@@ -150,6 +155,26 @@ def pair_metadata(cfg, teacher_ckpt):
                 model_config=teacher_ckpt["model_config"], stored=STORED)
 
 
+def trajectories(cfg, teacher, n, g, device, part=Part(), what="ODE pairs"):
+    """n clips (and their prompts) drawn with generator g, and the teacher's PF-ODE trajectory from fresh noise for
+    each: dict(x0, states (n, 5, F, C, H, W) at the STORED points, text, null, prompts, actions)."""
+    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames, cfg.actions)
+    x0_all, text_all, null_all, prompts, actions_all = data.batch(n, generator=g)
+    eps_all = torch.randn(x0_all.shape, generator=g)
+    states, bs = [], (64 if data.is_toy else 1) * part.world
+    rows = lambda x: None if x is None else part(x[i:i + bs]).to(device)  # this process's rows of the chunk
+    for i in tqdm(range(0, n, bs), desc=f"{what} ({cfg.teacher} teacher)", disable=part.rank > 0):
+        ctx, null, eps, x0, a = (rows(v) for v in (text_all, null_all, eps_all, x0_all, actions_all))
+        with autocast(device, teacher):
+            if cfg.teacher == "ar":
+                s = causal_ode_trajectory(teacher, x0, eps, ctx, null, cfg.guidance, cfg.frames_per_block, a)
+            else:
+                s = bidirectional_ode_trajectory(teacher, eps, ctx, null, cfg.guidance, a)
+        states.append(gather_rows(s.float().cpu(), part))
+    return dict(x0=x0_all, states=torch.cat(states), text=text_all, null=null_all, prompts=prompts,
+                actions=actions_all)
+
+
 def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
     """Generate (or load) cfg.num_pairs ODE trajectories. Returns dict(x0, states, text, null, prompts, meta, bytes,
     seconds). They are held in memory and in one file: fine for the toy (tens of MiB); at Wan scale one pair is
@@ -169,23 +194,10 @@ def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
             pairs["text"], pairs["null"] = toy_data.TextEncoder()(pairs["prompts"]), None
         pairs.setdefault("actions", None)  # written before the world model
         return pairs
-    data = open_data(cfg.data, teacher.cfg, cfg.clip_frames, cfg.actions)
-    g = torch.Generator().manual_seed(cfg.seed + 100)
-    x0_all, text_all, null_all, prompts, actions_all = data.batch(cfg.num_pairs, generator=g)
-    eps_all = torch.randn(x0_all.shape, generator=g)
-    states, t0, bs = [], time.time(), (64 if data.is_toy else 1) * part.world
-    rows = lambda x: None if x is None else part(x[i:i + bs]).to(device)  # this process's rows of the chunk
-    for i in tqdm(range(0, cfg.num_pairs, bs), desc=f"ODE pairs ({cfg.teacher} teacher)", disable=part.rank > 0):
-        ctx, null, eps, x0, a = (rows(v) for v in (text_all, null_all, eps_all, x0_all, actions_all))
-        with autocast(device, teacher):
-            if cfg.teacher == "ar":
-                s = causal_ode_trajectory(teacher, x0, eps, ctx, null, cfg.guidance, cfg.frames_per_block, a)
-            else:
-                s = bidirectional_ode_trajectory(teacher, eps, ctx, null, cfg.guidance, a)
-        states.append(gather_rows(s.float().cpu(), part))
-    pairs = dict(x0=x0_all, states=torch.cat(states), text=text_all, null=null_all, prompts=prompts, meta=meta,
-                 actions=actions_all, seconds=time.time() - t0)
-    pairs["bytes"] = pairs["states"].numel() * 4 + (x0_all.numel() * 4 if cfg.teacher == "ar" else 0)
+    t0 = time.time()
+    pairs = trajectories(cfg, teacher, cfg.num_pairs, torch.Generator().manual_seed(cfg.seed + 100), device, part)
+    pairs.update(meta=meta, seconds=time.time() - t0)
+    pairs["bytes"] = pairs["states"].numel() * 4 + (pairs["x0"].numel() * 4 if cfg.teacher == "ar" else 0)
     on_main(part, lambda: save_checkpoint(path, **pairs))
     print(f"{cfg.num_pairs} ODE pairs: {pairs['bytes'] / 2 ** 20:.1f} MiB stored, {pairs['seconds']:.0f} s -> {path}")
     return pairs
@@ -229,6 +241,30 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
     return (x0_hat[mask] - states[:, -1][mask]).pow(2).mean()  # mean over the noisy frames only
 
 
+@torch.no_grad()
+def pair_loss(student, pairs, teacher_kind, frames_per_block, n=None, batch=64):
+    """ode_regression_loss with every frame at each noisy stored point in turn (k = 0..3, t = 1000 ... t_3) instead of
+    a random k: its mean over k and over the first n pairs, a number with no draw in it. On the student's own
+    training pairs and on pairs it never saw, it tells fitting the teacher's flow map from memorising the pairs."""
+    n = min(n or len(pairs["x0"]), len(pairs["x0"]))
+    t_list = warped_steps(4, student.cfg.shift)
+    device = next(student.parameters()).device
+    total = 0.0
+    for k, t_k in enumerate(t_list):
+        for i in range(0, n, batch):
+            rows = slice(i, min(i + batch, n))
+            x_in, x0_gt = pairs["states"][rows, k].to(device), pairs["x0"][rows].to(device)
+            t = torch.full(x_in.shape[:2], float(t_k), device=device)
+            path = dict(clean=x0_gt) if teacher_kind == "ar" else {}
+            if pairs.get("actions") is not None:
+                path["actions"] = pairs["actions"][rows].to(device)
+            with autocast(device, student):
+                x0_hat = x0_from_v(x_in, student(x_in, t, pairs["text"][rows].to(device),
+                                                 frames_per_block=frames_per_block, **path), t)
+            total += (x0_hat.float() - pairs["states"][rows, -1].to(device)).pow(2).mean(dim=(1, 2, 3, 4)).sum().item()
+    return total / (n * len(t_list))
+
+
 def train(cfg):
     if cfg.teacher not in ("ar", "bidirectional"):
         raise ConfigError(f"--teacher must be 'ar' or 'bidirectional' (got {cfg.teacher!r})")
@@ -257,7 +293,8 @@ def train(cfg):
     if cfg.exact_teacher:  # the pairs' teacher is the data law itself; the student still starts from the model
         teacher = toy_data.ExactScore(teacher.cfg)
     pairs = make_pairs(cfg, teacher, teacher_ckpt, device, part)
-    del teacher
+    if cfg.data != "toy" or not cfg.unseen_pairs:
+        teacher = None  # its memory goes to the student's optimizer; the toy keeps it for the unseen pairs
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), 0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], student_path(cfg)
@@ -312,11 +349,22 @@ def train(cfg):
         return {}
     metrics = toy_few_step_report(ema, name, cfg.eval_clips, cfg.frames_per_block, cfg.out_dir,
                                   write_gif=part.rank == 0)
+    fit = {}
+    if cfg.unseen_pairs:  # the same teacher, CFG and step lists, on clips and noise no training step drew
+        unseen = trajectories(cfg, teacher, cfg.unseen_pairs, torch.Generator().manual_seed(cfg.seed + 200), device,
+                              what="unseen pairs")
+        fit = dict(train=pair_loss(ema, pairs, cfg.teacher, cfg.frames_per_block, cfg.unseen_pairs),
+                   unseen=pair_loss(ema, unseen, cfg.teacher, cfg.frames_per_block))
+        if not cfg.exact_teacher:  # the student's starting point, the teacher's weights under the student's path
+            fit["start"] = pair_loss(teacher, unseen, cfg.teacher, cfg.frames_per_block)
+        print(f"{name}: regression loss over the 4 noisy stored points, {cfg.unseen_pairs} pairs: {fit['train']:.5f} on its "
+              f"training pairs, {fit['unseen']:.5f} on unseen ones" +
+              (f" (at step 0, the teacher's weights: {fit['start']:.5f})" if "start" in fit else ""))
     minutes = (time.time() - t_start) / 60
     made = "read from an earlier run, which made them in" if pairs.get("loaded") else "including pairs:"
     print(f"{name}: {minutes:.1f} min, ODE pairs {made} {pairs['seconds'] / 60:.1f} min, "
           f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored")
-    save(finished=True, metrics=metrics, minutes=minutes)
+    save(finished=True, metrics=metrics, minutes=minutes, pair_fit=fit)
     return metrics
 
 

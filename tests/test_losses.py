@@ -2,6 +2,8 @@
 t and noise, equals the value computed by hand from the SPEC's equations (or exactly 0 for a perfect model); the
 EMA and LeanAdamW updates equal their textbook forms. A flipped sign, a skipped step, a dropped CFG or a missing
 bias correction changes these numbers, so each of those bugs fails here."""
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -115,6 +117,27 @@ def test_ode_regression_loss_ar_by_hand():
     assert torch.allclose(loss, (x0_hat - states[:, -1]).pow(2).mean(), rtol=1e-5, atol=0)
     assert torch.equal(m.calls[0]["clean"], x0_gt) and m.calls[0]["fpb"] == 1
     assert torch.equal(m.calls[0]["t"], t) and len(set(k.tolist())) > 1  # the draw really varies per sample
+
+
+@pytest.mark.parametrize("kind", ["ar", "bidirectional"])
+def test_pair_loss_by_hand_every_stored_point_in_turn(kind):
+    """pair_loss (the memorisation check): every frame at stored point k for k = 0..3 in turn, no draw; the MSE of
+    x_t - s v against the endpoint, averaged over k and the first n pairs (n = 3 of 5, in batches of 2); the AR
+    student with the ground-truth clean context, the bidirectional one without."""
+    B, nF, shift, n = 5, 3, 5.0, 3
+    states, x0_gt, ctx = rand(B, 5, nF, 3, 4, 4, seed=4), rand(B, nF, 3, 4, 4, seed=5), rand(B, 2, 32, seed=6)
+    m = StandIn(0.7, b=0.2, c=-0.4, needs_clean=kind == "ar")
+    m.cfg = types.SimpleNamespace(shift=shift)
+    loss = ode_init.pair_loss(m, dict(states=states, x0=x0_gt, text=ctx, actions=None), kind, 1, n=n, batch=2)
+    want = 0.0
+    for k, t_k in enumerate(M.warped_steps(4, shift)):
+        x_in = states[:n, k]
+        v = 0.7 * x_in + 0.2 * c0(ctx[:n]) + (-0.4 * x0_gt[:n] if kind == "ar" else 0.0)
+        want += (x_in - t_k / 1000 * v - states[:n, -1]).pow(2).mean().item() / 4
+    assert loss == pytest.approx(want, rel=1e-5)
+    assert len(m.calls) == 8 and {len(c["x"]) for c in m.calls} == {2, 1}  # 4 points x batches of 2 + 1 pairs
+    assert all((c["clean"] is not None) == (kind == "ar") for c in m.calls)
+    assert [float(c["t"][0, 0]) for c in m.calls[::2]] == pytest.approx(M.warped_steps(4, shift))
 
 
 # --- stage 2b: causal consistency distillation -------------------------------------------------------------------

@@ -188,7 +188,7 @@ def test_ar_teacher_resume_restores_everything(run_dir, monkeypatch):
 
 
 def test_ode_init_ar_resume_restores_everything(run_dir, monkeypatch):
-    cfg = ode_init.Config(teacher="ar", num_pairs=8, steps=4, batch_size=4, warmup=1, ckpt_every=2,
+    cfg = ode_init.Config(teacher="ar", num_pairs=8, steps=4, batch_size=4, warmup=1, ckpt_every=2, unseen_pairs=2,
                           out_dir=str(run_dir))
     killed, _ = interrupted_then_resumed(
         monkeypatch, ode_init.train, cfg, ode_init.student_path(cfg), ode_init, "ode_regression_loss", 3,
@@ -216,7 +216,7 @@ def test_a_finished_stage2_run_continued_to_more_steps_equals_one_longer_run(run
     else:
         train, gen_key = ode_init.train, "gen"
         make = lambda steps, **kw: ode_init.Config(teacher="ar", num_pairs=8, steps=steps, batch_size=4, warmup=1,
-                                                   ckpt_every=100, out_dir=str(run_dir), **kw)
+                                                   ckpt_every=100, unseen_pairs=2, out_dir=str(run_dir), **kw)
         path = ode_init.student_path(make(2))
     train(make(4))
     straight = M.load_checkpoint(path)

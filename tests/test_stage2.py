@@ -214,7 +214,7 @@ def test_ode_loss_with_every_block_clean_is_zero_not_nan():
 
 def stage2_run(tmp_path, **kw):
     return ode_init.Config(**{**dict(num_pairs=8, steps=2, batch_size=4, warmup=1, eval_clips=9, ckpt_every=1,
-                                     out_dir=str(tmp_path)), **kw})
+                                     unseen_pairs=4, out_dir=str(tmp_path)), **kw})
 
 
 def test_smoke_ode_init_both_teachers_and_pair_mismatch(tiny_teachers):
@@ -223,6 +223,9 @@ def test_smoke_ode_init_both_teachers_and_pair_mismatch(tiny_teachers):
         assert set(metrics) == {1, 2, 4}
         student, ckpt = ode_init.load_student(str(tiny_teachers), teacher)
         assert ckpt["stage"] == ode_init.stage_name(teacher) and ckpt["pair_bytes"] > 0
+        fit = ckpt["pair_fit"]  # the memorisation check: its own pairs vs unseen ones vs the starting weights
+        assert set(fit) == {"train", "unseen", "start"} and all(0 < v < float("inf") for v in fit.values())
+        assert fit["unseen"] != fit["train"]  # other clips and noise than the first training pairs
     # the noisy-prefix ablation reads the same pairs and writes its own student
     ode_init.train(stage2_run(tiny_teachers, teacher="bidirectional", noisy_prefix=True))
     assert os.path.exists(tiny_teachers / "bidirectional_ode_noisy_prefix.pt")
