@@ -361,7 +361,7 @@ def train(cfg):
               f"training pairs, {fit['unseen']:.5f} on unseen ones" +
               (f" (at step 0, the teacher's weights: {fit['start']:.5f})" if "start" in fit else ""))
     minutes = (time.time() - t_start) / 60
-    made = "read from an earlier run, which made them in" if pairs.get("loaded") else "including pairs:"
+    made = "read from an earlier run, which made them in" if pairs.get("loaded") else "made in"
     print(f"{name}: {minutes:.1f} min, ODE pairs {made} {pairs['seconds'] / 60:.1f} min, "
           f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored")
     save(finished=True, metrics=metrics, minutes=minutes, pair_fit=fit)
