@@ -357,8 +357,8 @@ def train(cfg):
                    unseen=pair_loss(ema, unseen, cfg.teacher, cfg.frames_per_block))
         if not cfg.exact_teacher:  # the student's starting point, the teacher's weights under the student's path
             fit["start"] = pair_loss(teacher, unseen, cfg.teacher, cfg.frames_per_block)
-        print(f"{name}: regression loss over the 4 noisy stored points, {cfg.unseen_pairs} pairs: {fit['train']:.5f} on its "
-              f"training pairs, {fit['unseen']:.5f} on unseen ones" +
+        print(f"{name}: regression loss over the 4 noisy stored points, {cfg.unseen_pairs} pairs: {fit['train']:.5f} "
+              f"on its training pairs, {fit['unseen']:.5f} on unseen ones" +
               (f" (at step 0, the teacher's weights: {fit['start']:.5f})" if "start" in fit else ""))
     minutes = (time.time() - t_start) / 60
     made = "read from an earlier run, which made them in" if pairs.get("loaded") else "made in"
