@@ -93,8 +93,9 @@ class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --ini
     exact_teacher: bool = False  # toy only: the pairs come from the toy's exact data law (toy_data.ExactScore, the
     # teacher's question answered perfectly; with --guidance 1) instead of the trained teacher, which the student
     # still starts from -> *_exact.pt: the injectivity failure with no teacher error (docs/RESULTS.md)
-    unseen_pairs: int = 32  # toy: after training, the regression loss on this many new pairs (new clips, new noise)
-    # beside the loss on as many of its training pairs: far lower on its own = memorised pairs; under 1 min; 0: skip
+    unseen_pairs: int = 32  # toy: after training, the regression loss on this many new pairs (clips not among its
+    # pairs', new noise) beside the loss on as many of its training pairs: far lower on its own = memorised pairs;
+    # under 1 min; 0: skip
 
 
 def stage_name(teacher):
@@ -155,11 +156,24 @@ def pair_metadata(cfg, teacher_ckpt):
                 model_config=teacher_ckpt["model_config"], stored=STORED)
 
 
-def trajectories(cfg, teacher, n, g, device, part=Part(), what="ODE pairs"):
+def trajectories(cfg, teacher, n, g, device, part=Part(), what="ODE pairs", exclude=None):
     """n clips (and their prompts) drawn with generator g, and the teacher's PF-ODE trajectory from fresh noise for
-    each: dict(x0, states (n, 5, F, C, H, W) at the STORED points, text, null, prompts, actions)."""
+    each: dict(x0, states (n, 5, F, C, H, W) at the STORED points, text, null, prompts, actions). exclude: clips
+    (x0, (m, F, C, H, W)) to leave out, e.g. the training pairs' (the toy world has finitely many clips, so fresh
+    draws repeat some): then n distinct clips not among them are kept from 8n draws."""
     data = open_data(cfg.data, teacher.cfg, cfg.clip_frames, cfg.actions)
-    x0_all, text_all, null_all, prompts, actions_all = data.batch(n, generator=g)
+    x0_all, text_all, null_all, prompts, actions_all = data.batch(n if exclude is None else 8 * n, generator=g)
+    if exclude is not None:
+        seen, keep = {x.numpy().tobytes() for x in exclude}, []
+        for i, x in enumerate(x0_all):
+            if len(keep) < n and x.numpy().tobytes() not in seen:
+                seen.add(x.numpy().tobytes())
+                keep.append(i)
+        if len(keep) < n:
+            raise ConfigError(f"only {len(keep)} of {8 * n} drawn clips are new: ask for fewer {what}")
+        pick = lambda v: None if v is None else v[keep]
+        x0_all, text_all, null_all, actions_all = map(pick, (x0_all, text_all, null_all, actions_all))
+        prompts = [prompts[i] for i in keep]
     eps_all = torch.randn(x0_all.shape, generator=g)
     states, bs = [], (64 if data.is_toy else 1) * part.world
     rows = lambda x: None if x is None else part(x[i:i + bs]).to(device)  # this process's rows of the chunk
@@ -352,7 +366,7 @@ def train(cfg):
     fit = {}
     if cfg.unseen_pairs:  # the same teacher, CFG and step lists, on clips and noise no training step drew
         unseen = trajectories(cfg, teacher, cfg.unseen_pairs, torch.Generator().manual_seed(cfg.seed + 200), device,
-                              what="unseen pairs")
+                              part, what="unseen pairs", exclude=pairs["x0"])
         fit = dict(train=pair_loss(ema, pairs, cfg.teacher, cfg.frames_per_block, cfg.unseen_pairs),
                    unseen=pair_loss(ema, unseen, cfg.teacher, cfg.frames_per_block))
         if not cfg.exact_teacher:  # the student's starting point, the teacher's weights under the student's path

@@ -52,6 +52,8 @@ MUTANTS = [
            "unseen=pair_loss(ema, unseen, cfg.teacher, cfg.frames_per_block))",
            "unseen=pair_loss(ema, pairs, cfg.teacher, cfg.frames_per_block, cfg.unseen_pairs))",
            ["tests/test_stage2.py"]),
+    Mutant("unseen_clips_not_excluded", "ode_init.py", "if len(keep) < n and x.numpy().tobytes() not in seen:",
+           "if len(keep) < n:", ["tests/test_stage2.py"]),
     Mutant("dmd_g_sign", "dmd.py", "g = torch.nan_to_num((x0_fake - x0_real) / norm)",
            "g = torch.nan_to_num((x0_real - x0_fake) / norm)", [L]),
     Mutant("dmd_real_score_no_cfg", "dmd.py", "cfg_velocity(real, x_t, t, ctx, ctx_null, guidance, actions=actions)",

@@ -136,7 +136,7 @@ def test_pair_loss_by_hand_every_stored_point_in_turn(kind):
         want += (x_in - t_k / 1000 * v - states[:n, -1]).pow(2).mean().item() / 4
     assert loss == pytest.approx(want, rel=1e-5)
     assert len(m.calls) == 8 and {len(c["x"]) for c in m.calls} == {2, 1}  # 4 points x batches of 2 + 1 pairs
-    assert all((c["clean"] is not None) == (kind == "ar") for c in m.calls)
+    assert all((c["clean"] is not None) == (kind == "ar") and c["fpb"] == 1 for c in m.calls)
     assert [float(c["t"][0, 0]) for c in m.calls[::2]] == pytest.approx(M.warped_steps(4, shift))
 
 

@@ -225,7 +225,18 @@ def test_smoke_ode_init_both_teachers_and_pair_mismatch(tiny_teachers):
         assert ckpt["stage"] == ode_init.stage_name(teacher) and ckpt["pair_bytes"] > 0
         fit = ckpt["pair_fit"]  # the memorisation check: its own pairs vs unseen ones vs the starting weights
         assert set(fit) == {"train", "unseen", "start"} and all(0 < v < float("inf") for v in fit.values())
-        assert fit["unseen"] != fit["train"]  # other clips and noise than the first training pairs
+        assert fit["unseen"] != fit["train"] and fit["start"] != fit["unseen"]  # other pairs; EMA vs start weights
+        # the unseen pairs' clips: distinct, and none of them a training pair's clip (the toy world is finite)
+        pairs = torch.load(ode_init.pairs_path(stage2_run(tiny_teachers, teacher=teacher)), weights_only=False)
+        teacher_model = student if teacher == "ar" else ode_init.load_base(stage2_run(tiny_teachers))[0]
+        draw = lambda exclude: ode_init.trajectories(stage2_run(tiny_teachers, teacher=teacher), teacher_model, 6,
+                                                     torch.Generator().manual_seed(200), torch.device("cpu"),
+                                                     exclude=exclude)["x0"]
+        rows = lambda x0: {x.numpy().tobytes() for x in x0}
+        first = draw(pairs["x0"])
+        again = draw(torch.cat([pairs["x0"], first]))  # the same draws, with the first six excluded too
+        assert len(rows(first)) == len(rows(again)) == 6
+        assert not rows(first) & rows(pairs["x0"]) and not rows(again) & (rows(pairs["x0"]) | rows(first))
     # the noisy-prefix ablation reads the same pairs and writes its own student
     ode_init.train(stage2_run(tiny_teachers, teacher="bidirectional", noisy_prefix=True))
     assert os.path.exists(tiny_teachers / "bidirectional_ode_noisy_prefix.pt")
