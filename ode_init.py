@@ -222,7 +222,7 @@ def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
 
 
 def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shift, generator, noisy_prefix=False,
-                        actions=None, part=Part()):
+                        actions=None, part=Part(), point=None):
     """MSE between the student's x0 prediction at a stored trajectory point and the ODE endpoint.
     ar:            one k ~ U{0..3} for all frames; input states[k] at t_k with the ground-truth clean context
                    (Causal Forcing trainer/ode.py, uniform_timestep).
@@ -231,13 +231,18 @@ def ode_regression_loss(student, batch, ctx, teacher_kind, frames_per_block, shi
                    model/ode_regression.py: indices [0, 12, 24, 36, -1]; CausVid: [1000, 757, 522, 0]). Past blocks
                    are then clean a fifth of the time each, as the KV cache is at inference.
                    noisy_prefix=True: k ~ U{0..3}, the past is never clean in training (the mismatch of Prop. 3.4
-                   stacked on the injectivity failure; an ablation, not an official recipe)."""
+                   stacked on the injectivity failure; an ablation, not an official recipe).
+    point: every frame at this stored point instead of a draw (pair_loss's fixed evaluation)."""
     states, x0_gt = batch  # (B, 5, F, C, H, W), (B, F, C, H, W)
     B, _, nF = states.shape[:3]
     t_list = torch.tensor(warped_steps(4, shift) + [0.0])  # = 48-grid points 0/12/24/36, then the endpoint t = 0
     n_blocks = nF // frames_per_block
     n_points = 4 if teacher_kind == "ar" or noisy_prefix else 5
-    k = part(torch.randint(0, n_points, (B * part.world, 1 if teacher_kind == "ar" else n_blocks), generator=generator))
+    if point is None:
+        k = part(torch.randint(0, n_points, (B * part.world, 1 if teacher_kind == "ar" else n_blocks),
+                               generator=generator))
+    else:
+        k = torch.full((B, 1), point)
     k = k.expand(B, n_blocks).repeat_interleave(frames_per_block, dim=1)  # (B, F)
     x_in = states[torch.arange(B)[:, None], k, torch.arange(nF)[None]]  # (B, F, C, H, W)
     t = t_list[k].to(x_in.device)  # (B, F)
@@ -261,22 +266,18 @@ def pair_loss(student, pairs, teacher_kind, frames_per_block, n=None, batch=64):
     a random k: its mean over k and over the first n pairs, a number with no draw in it. On the student's own
     training pairs and on pairs it never saw, it tells fitting the teacher's flow map from memorising the pairs."""
     n = min(n or len(pairs["x0"]), len(pairs["x0"]))
-    t_list = warped_steps(4, student.cfg.shift)
     device = next(student.parameters()).device
     total = 0.0
-    for k, t_k in enumerate(t_list):
+    for k in range(4):  # the 4 noisy points; the 5th is the endpoint itself
         for i in range(0, n, batch):
             rows = slice(i, min(i + batch, n))
-            x_in, x0_gt = pairs["states"][rows, k].to(device), pairs["x0"][rows].to(device)
-            t = torch.full(x_in.shape[:2], float(t_k), device=device)
-            path = dict(clean=x0_gt) if teacher_kind == "ar" else {}
-            if pairs.get("actions") is not None:
-                path["actions"] = pairs["actions"][rows].to(device)
+            on = lambda v: None if v is None else v[rows].to(device)
             with autocast(device, student):
-                x0_hat = x0_from_v(x_in, student(x_in, t, pairs["text"][rows].to(device),
-                                                 frames_per_block=frames_per_block, **path), t)
-            total += (x0_hat.float() - pairs["states"][rows, -1].to(device)).pow(2).mean(dim=(1, 2, 3, 4)).sum().item()
-    return total / (n * len(t_list))
+                loss = ode_regression_loss(student, (on(pairs["states"]), on(pairs["x0"])), on(pairs["text"]),
+                                           teacher_kind, frames_per_block, student.cfg.shift, None,
+                                           actions=on(pairs.get("actions")), point=k)
+            total += float(loss) * (rows.stop - rows.start)
+    return total / (n * 4)
 
 
 def train(cfg):
