@@ -137,7 +137,12 @@ def train(cfg):
                                        config=asdict(cfg), **states, data_gen=data_gen.get_state(), step=step,
                                        history=history, **extra))
 
-    t_cd = time.time()
+    t_cd, step_at_start = time.time(), step
+
+    def run_minutes():  # CD's wall time; a --resume of a finished run only evaluates and keeps its training's minutes
+        trained = ckpt is None or step > step_at_start
+        return (time.time() - t_cd) / 60 if trained else ckpt.get("minutes", 0.0)
+
     pbar = tqdm(total=cfg.steps, initial=step, desc="causal CD", dynamic_ncols=True, disable=part.rank > 0)
     while step < cfg.steps:
         for group in opt.param_groups:
@@ -160,7 +165,7 @@ def train(cfg):
             save()
     pbar.close()
     report_memory(device, "cd", cfg, cfg.batch_size, cfg.frames_per_block)
-    cd_minutes = (time.time() - t_cd) / 60
+    cd_minutes = run_minutes()
     if not data.is_toy:  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"causal_cd: {step} steps, loss {sum(history[-20:]) / max(1, len(history[-20:])):.5f}, {cd_minutes:.1f} min, "
               f"0 bytes of trajectories stored -> {path}")

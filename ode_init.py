@@ -322,7 +322,11 @@ def train(cfg):
         step, history = ckpt["step"], ckpt["history"]
         print(f"resumed {src} at step {step}")
     print(cfg)
-    ctx_all = pairs["text"]
+    ctx_all, step_at_start = pairs["text"], step
+
+    def run_minutes():  # wall time; a --resume of a finished run only evaluates and keeps its training's minutes
+        trained = ckpt is None or step > step_at_start
+        return (time.time() - t_start) / 60 if trained else ckpt.get("minutes", 0.0)
 
     def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
         states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()), part)
@@ -356,7 +360,7 @@ def train(cfg):
             save()
     pbar.close()
     report_memory(device, "ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
-    minutes = (time.time() - t_start) / 60
+    minutes = run_minutes()
     if cfg.data != "toy":  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"{name}: {step} steps, {minutes:.1f} min including pairs "
               f"({pairs['bytes'] / 2 ** 20:.1f} MiB stored) -> {path}")
@@ -375,7 +379,7 @@ def train(cfg):
         print(f"{name}: regression loss over the 4 noisy stored points, {cfg.unseen_pairs} pairs: {fit['train']:.5f} "
               f"on its training pairs, {fit['unseen']:.5f} on unseen ones" +
               (f" (at step 0, the teacher's weights: {fit['start']:.5f})" if "start" in fit else ""))
-    minutes = (time.time() - t_start) / 60
+    minutes = run_minutes()
     made = "read from an earlier run, which made them in" if pairs.get("loaded") else "made in"
     print(f"{name}: {minutes:.1f} min, ODE pairs {made} {pairs['seconds'] / 60:.1f} min, "
           f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored")

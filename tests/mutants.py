@@ -115,6 +115,10 @@ MUTANTS = [
            [R]),
     Mutant("dmd_resume_no_ema", "dmd.py", "load_whole(ema, ckpt[\"ema\"])", "None", [R]),
     Mutant("dmd_resume_no_rng", "dmd.py", "gen.set_state(ckpt[\"rng\"])", "None", [R]),
+    Mutant("ode_eval_only_resume_takes_the_eval_time", "ode_init.py", "trained = ckpt is None or step > step_at_start",
+           "trained = True", [R]),
+    Mutant("cd_eval_only_resume_takes_the_eval_time", "causal_cd.py", "trained = ckpt is None or step > step_at_start",
+           "trained = True", [R]),
     # --- sampling, I2V, evaluator, speed ----------------------------------------------------------------------
     Mutant("stream_no_refresh", "sample_stream.py", "model(x0_hat.detach(), torch.zeros(",
            "(lambda *a, **k: None)(x0_hat.detach(), torch.zeros(", ["tests/test_stage3.py"]),

@@ -228,6 +228,28 @@ def test_a_finished_stage2_run_continued_to_more_steps_equals_one_longer_run(run
         assert_same(straight[k], continued[k], k)
 
 
+@pytest.mark.parametrize("stage", ["causal_cd", "causal_ode"])
+def test_a_resume_that_only_evaluates_keeps_the_trainings_minutes(run_dir, stage):
+    # docs/RESULTS.md re-measures finished students with --resume at the same --steps: that evaluates only, and the
+    # wall time the checkpoint reports must stay the training's; a resume that trains reports its own run's time
+    if stage == "causal_cd":
+        make = lambda steps, **kw: causal_cd.Config(steps=steps, batch_size=2, warmup=1, ckpt_every=100,
+                                                    eval_clips=9, out_dir=str(run_dir), **kw)
+        train, path = causal_cd.train, causal_cd.checkpoint_path(make(2))
+    else:
+        make = lambda steps, **kw: ode_init.Config(teacher="ar", num_pairs=8, steps=steps, batch_size=4, warmup=1,
+                                                   ckpt_every=100, unseen_pairs=0, eval_clips=9,
+                                                   out_dir=str(run_dir), **kw)
+        train, path = ode_init.train, ode_init.student_path(make(2))
+    train(make(2))
+    M.save_checkpoint(path, **{**M.load_checkpoint(path), "minutes": 123.0})  # a marker no run takes
+    train(make(2, resume=True))
+    evaluated = M.load_checkpoint(path)
+    assert evaluated["minutes"] == 123.0 and evaluated["step"] == 2 and "metrics" in evaluated
+    train(make(3, resume=True))
+    assert M.load_checkpoint(path)["minutes"] < 5  # trained one more step: this run's own time
+
+
 def test_dmd_resume_restores_everything(run_dir, monkeypatch):
     # 4 generator updates, 2 critic updates each, checkpoint every 2: killed in the critic update of iteration 5
     # (after the generator update of iteration 4, itself after the iteration-4 checkpoint). The EMA starts at
