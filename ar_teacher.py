@@ -49,7 +49,7 @@ import toy_data
 from toy_data import metric_line
 from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, describe_mismatch,
                    ema_update, load_checkpoint, loss_weight, model_from_checkpoint, parse_config, pick_device,
-                   run_main, save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
+                   run_main, run_minutes, save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
 from wan_scale import (ScaleOptions, WORLD_DIR, check_actions, dry_run, limit_memory, load_whole,
                        load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
                        report_memory, run_flags, shard, start_distributed, wan_base, whole)
@@ -432,7 +432,7 @@ def train(cfg):
     # the closing evaluation: the EMA model's samples beside real clips of the same count
     trained = step_at_start < steps
     ckpt = load_checkpoint(path)
-    minutes = (time.time() - t_start) / 60 if trained else ckpt.get("minutes", 0.0)
+    minutes = run_minutes(t_start, ckpt, trained)  # a re-evaluation keeps the training's
     metrics, clips = report(ema, cfg, name, data.text, minutes)  # every process samples (FSDP), process 0 writes
     if trained:
         on_main(part, lambda: write_gif(clips))

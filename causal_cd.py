@@ -40,7 +40,7 @@ from tqdm import tqdm
 import ar_teacher
 import toy_data
 from model import (ModelConfig, add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint,
-                   parse_config, pick_device, run_main, save_run, start_run, timestep_grid, x0_from_v)
+                   parse_config, pick_device, run_main, run_minutes, save_run, start_run, timestep_grid, x0_from_v)
 from wan_scale import (ScaleOptions, check_actions, dry_run, limit_memory, load_whole, load_whole_optimizer,
                        make_optimizer, mean_over_processes, on_main, open_data, prepare, report_memory, run_flags,
                        shard, start_distributed, whole)
@@ -138,11 +138,6 @@ def train(cfg):
                                        history=history, **extra))
 
     t_cd, step_at_start = time.time(), step
-
-    def run_minutes():  # CD's wall time; a --resume of a finished run only evaluates and keeps its training's minutes
-        trained = ckpt is None or step > step_at_start
-        return (time.time() - t_cd) / 60 if trained else ckpt.get("minutes", 0.0)
-
     pbar = tqdm(total=cfg.steps, initial=step, desc="causal CD", dynamic_ncols=True, disable=part.rank > 0)
     while step < cfg.steps:
         for group in opt.param_groups:
@@ -165,7 +160,7 @@ def train(cfg):
             save()
     pbar.close()
     report_memory(device, "cd", cfg, cfg.batch_size, cfg.frames_per_block)
-    cd_minutes = run_minutes()
+    cd_minutes = run_minutes(t_cd, ckpt, step > step_at_start)  # a re-evaluation keeps the training's
     if not data.is_toy:  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"causal_cd: {step} steps, loss {sum(history[-20:]) / max(1, len(history[-20:])):.5f}, {cd_minutes:.1f} min, "
               f"0 bytes of trajectories stored -> {path}")

@@ -39,6 +39,7 @@ lean optimizer) lives in `wan_scale.py`; the toy never needs it. `python -m pyte
 """
 import math
 import os
+import time
 import argparse
 import contextlib
 import dataclasses
@@ -758,6 +759,14 @@ def start_run(path, resume, stage, make_cmd):
         raise ConfigError(f"--resume: {src} holds EMA weights only (a shipped file): it cannot be trained further; "
                           f"evaluate it with --eval-only, or train afresh without --resume")
     return src, ckpt
+
+
+def run_minutes(t0, ckpt, trained):
+    """A stage's wall time in minutes since t0. A --resume that trained nothing (a finished run, re-evaluated) keeps
+    the minutes its checkpoint recorded; a partial checkpoint records none, so then this run's time counts."""
+    if not trained and ckpt is not None and "minutes" in ckpt:
+        return ckpt["minutes"]
+    return (time.time() - t0) / 60
 
 
 def load_checkpoint(path, stage=None, make_cmd=None):

@@ -57,7 +57,8 @@ from tqdm import tqdm
 import toy_data
 from ar_teacher import load_base, load_teacher
 from model import (ConfigError, ModelConfig, autocast, ema_update, load_checkpoint, model_from_checkpoint,
-                   parse_config, pick_device, run_main, save_checkpoint, save_run, start_run, warped_steps, x0_from_v)
+                   parse_config, pick_device, run_main, run_minutes, save_checkpoint, save_run, start_run, warped_steps,
+                   x0_from_v)
 from wan_scale import (Part, ScaleOptions, check_actions, dry_run, gather_rows, limit_memory, load_whole,
                        load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
                        report_memory, run_flags, shard, start_distributed, sum_over_processes, whole)
@@ -324,10 +325,6 @@ def train(cfg):
     print(cfg)
     ctx_all, step_at_start = pairs["text"], step
 
-    def run_minutes():  # wall time; a --resume of a finished run only evaluates and keeps its training's minutes
-        trained = ckpt is None or step > step_at_start
-        return (time.time() - t_start) / 60 if trained else ckpt.get("minutes", 0.0)
-
     def save(finished=False, **extra):  # unfinished: X.partial.pt (model.save_run)
         states = whole(dict(model=student.state_dict(), ema=ema.state_dict(), optimizer=opt.state_dict()), part)
         on_main(part, lambda: save_run(path, finished, stage=stage_name(cfg.teacher),
@@ -360,7 +357,7 @@ def train(cfg):
             save()
     pbar.close()
     report_memory(device, "ode", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
-    minutes = run_minutes()
+    minutes = run_minutes(t_start, ckpt, step > step_at_start)  # a re-evaluation keeps the training's
     if cfg.data != "toy":  # Wan scale: no toy evaluator; sample the student with sample_stream.py
         print(f"{name}: {step} steps, {minutes:.1f} min including pairs "
               f"({pairs['bytes'] / 2 ** 20:.1f} MiB stored) -> {path}")
@@ -379,7 +376,7 @@ def train(cfg):
         print(f"{name}: regression loss over the 4 noisy stored points, {cfg.unseen_pairs} pairs: {fit['train']:.5f} "
               f"on its training pairs, {fit['unseen']:.5f} on unseen ones" +
               (f" (at step 0, the teacher's weights: {fit['start']:.5f})" if "start" in fit else ""))
-    minutes = run_minutes()
+    minutes = run_minutes(t_start, ckpt, step > step_at_start)  # a re-evaluation keeps the training's
     made = "read from an earlier run, which made them in" if pairs.get("loaded") else "made in"
     print(f"{name}: {minutes:.1f} min, ODE pairs {made} {pairs['seconds'] / 60:.1f} min, "
           f"{pairs['bytes'] / 2 ** 20:.1f} MiB stored")

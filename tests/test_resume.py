@@ -242,12 +242,17 @@ def test_a_resume_that_only_evaluates_keeps_the_trainings_minutes(run_dir, stage
                                                    out_dir=str(run_dir), **kw)
         train, path = ode_init.train, ode_init.student_path(make(2))
     train(make(2))
-    M.save_checkpoint(path, **{**M.load_checkpoint(path), "minutes": 123.0})  # a marker no run takes
+    finished = {**M.load_checkpoint(path), "minutes": 123.0, "metrics": {"marker": 1}}  # markers no run writes
+    M.save_checkpoint(path, **finished)
     train(make(2, resume=True))
     evaluated = M.load_checkpoint(path)
-    assert evaluated["minutes"] == 123.0 and evaluated["step"] == 2 and "metrics" in evaluated
+    assert evaluated["minutes"] == 123.0 and evaluated["step"] == 2 and "marker" not in evaluated["metrics"]
+    # killed in its closing evaluation, a run resumes from its last partial checkpoint, which records no minutes
+    M.save_checkpoint(M.partial_path(path), **{k: v for k, v in finished.items() if k not in ("minutes", "metrics")})
+    train(make(2, resume=True))
+    assert 0 < M.load_checkpoint(path)["minutes"] < 5  # this run's own time
     train(make(3, resume=True))
-    assert M.load_checkpoint(path)["minutes"] < 5  # trained one more step: this run's own time
+    assert 0 < M.load_checkpoint(path)["minutes"] < 5  # trained one more step: this run's own time
 
 
 def test_dmd_resume_restores_everything(run_dir, monkeypatch):
