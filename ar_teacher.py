@@ -57,7 +57,7 @@ from sample_stream import sample_ar, sample_bidirectional
 
 
 @dataclass
-class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --init-weights and the memory options
+class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / --init-weights and the memory options
     phase: str = "base"  # "base" (stage 0, bidirectional) or "ar" (stage 1, teacher forcing from the base)
     frames_per_block: int = 1  # ar: 1 = frame-wise, 3 = chunk-wise
     diffusion_forcing: bool = False  # ar: train the diffusion-forcing ablation instead of teacher forcing

@@ -48,7 +48,7 @@ from sample_stream import cfg_velocity, toy_few_step_report
 
 
 @dataclass
-class Config(ScaleOptions):  # ScaleOptions (model.py): --data and the memory options for Wan scale
+class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data and the memory options for Wan scale
     toy: bool = False  # the front door: first train whichever toy teacher checkpoint is missing
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     steps: int = 300  # student optimizer steps: 300 keeps the front door at 3 min; the official README advises

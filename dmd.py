@@ -82,7 +82,7 @@ METRICS = ("blur", "second_moment", "prompt_acc", "motion", "motion_gap", "physi
 
 
 @dataclass
-class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --init-weights (the real score at Wan
+class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / --init-weights (the real score at Wan
     # scale) and the memory options
     init: str = "causal_cd"  # causal_cd | causal_ode | bidirectional_ode | ar_teacher
     num_steps: int = 4  # denoising steps per block: 1, 2 or 4

@@ -70,7 +70,7 @@ FIGURE_STEPS = 48  # Euler steps of the teachers' PF-ODEs in the injectivity fig
 
 
 @dataclass
-class Config(ScaleOptions):  # ScaleOptions (model.py): --data / --model / --init-weights and the memory options
+class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / --init-weights and the memory options
     teacher: str = "ar"  # "ar" (causal ODE, Causal Forcing) or "bidirectional" (CausVid / Self Forcing init)
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     num_pairs: int = 384  # ODE trajectories to generate (one per ground-truth clip)

@@ -142,7 +142,7 @@ class LatentFolder:
         from safetensors import safe_open
         if not os.path.isdir(path):
             raise FileNotFoundError(f"latent folder {path} not found; write one clip per file with "
-                                    f"model.write_latent_clip(path, latents (F, {in_dim}, H, W), text (L, {text_dim}))")
+                                    f"wan_scale.write_latent_clip(path, latents (F, {in_dim}, H, W), text (L, {text_dim}))")
         self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
                             if f.endswith(".safetensors") and f != "negative.safetensors")
         if not self.files:
