@@ -270,9 +270,11 @@ def continuation(model, cfg, text):
 def denoiser_gap(model, cfg, text, n, seed=99, sigmas=(0.95, 0.9, 0.85, 0.8, 0.7, 0.5, 0.3)):
     """Where in noise level the teacher falls short of the best possible denoiser. The toy's data law is finite, so
     E[x0 | x_t] is computed exactly (toy_data.exact_x0); on n real clips noised to each s, this returns
-    {s: (the model's x0 MSE, the exact denoiser's x0 MSE)} against the clean clips. The exact MSE is the floor:
-    large at s near 1 (the clip is not decided yet), 0 below s of about 0.7 (it is). The base is asked the
-    bidirectional question (every frame at s), the AR teacher the teacher-forcing one (clean past, block at s)."""
+    {s: (the model's x0 MSE, the exact denoiser's x0 MSE[, the exact frame-alone denoiser's])} against the clean
+    clips. The exact MSE is the floor: large at s near 1 (the clip is not decided yet), 0 below s of about 0.7 (it
+    is). The base is asked the bidirectional question (every frame at s), the AR teacher the teacher-forcing one
+    (clean past, block at s). For the base a third number: the exact denoiser of each frame from its own noise
+    alone, which pools nothing across frames; a base that matches it has not learned to use the other frames."""
     dev = next(model.parameters()).device
     prompts = eval_prompts(n)
     x0, _ = toy_data.sample_clips(n, seed=seed, prompts=prompts)
@@ -285,13 +287,15 @@ def denoiser_gap(model, cfg, text, n, seed=99, sigmas=(0.95, 0.9, 0.85, 0.8, 0.7
         path = {} if cfg.phase == "base" else dict(clean=x0.to(dev), frames_per_block=cfg.frames_per_block)
         x0_model = x0_from_v(x_t.to(dev), model(x_t.to(dev), t.to(dev), ctx, **path), t.to(dev)).cpu()
         past = None if cfg.phase == "base" else x0
-        x0_exact = toy_data.exact_x0(x_t, t[:, 0], prompts, past=past, frames_per_block=cfg.frames_per_block)
-        out[s] = ((x0_model - x0).pow(2).mean().item(), (x0_exact - x0).pow(2).mean().item())
+        floors = [toy_data.exact_x0(x_t, t[:, 0], prompts, past=past, frames_per_block=cfg.frames_per_block)]
+        if cfg.phase == "base":  # and the exact denoiser that sees each frame alone
+            floors.append(toy_data.exact_x0(x_t, t[:, 0], prompts, frames_alone=True))
+        out[s] = tuple((x - x0).pow(2).mean().item() for x in [x0_model] + floors)
     return out
 
 
 def gap_line(gap):
-    return "  ".join(f"s {s}: {m:.3f}/{e:.3f}" for s, (m, e) in gap.items())
+    return "  ".join(f"s {s}: " + "/".join(f"{e:.3f}" for e in errors) for s, errors in gap.items())
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -459,7 +463,8 @@ def report(ema, cfg, name, text, minutes):
     print(f"{pad} | prompt accuracy {acc:.3f} over {n} clips, 95% interval {lo:.3f}-{hi:.3f} (Wilson)")
     if cfg.actions:  # the exact denoiser and the next-frame test know the plain toy's law only
         return metrics, clips
-    print(f"{pad} | x0 MSE per noise level s, model/exact denoiser: {gap_line(denoiser_gap(ema, cfg, text, 2 * n))}")
+    print(f"{pad} | x0 MSE per noise level s, model/exact denoiser{'/exact, each frame alone' * (cfg.phase == 'base')}: "
+          f"{gap_line(denoiser_gap(ema, cfg, text, 2 * n))}")
     steps = toy_data.step_report(clips, eval_p)
     per_pair = " / ".join(f"{x:.1%}" for x in steps["per_pair"])
     true_box = toy_data.true_box_per_frame(clips, eval_p)  # (F,)

@@ -220,21 +220,28 @@ def all_clips(prompt, frames=FRAMES):
 
 
 @torch.no_grad()
-def exact_x0(x_t, t, prompts, past=None, frames_per_block=1):
+def exact_x0(x_t, t, prompts, past=None, frames_per_block=1, frames_alone=False):
     """The optimal denoiser of the toy, E[x0 | x_t, prompt], computed exactly: the data law is uniform over
     all_clips(prompt), so x_t = (1 - s) x0 + s eps gives each candidate clip k the posterior weight
     softmax_k(-|x_t - (1 - s) x0_k|^2 / (2 s^2)). A trained model's x0 prediction can be no better than this.
     x_t (B, F, 3, H, W) with one t per clip (B,) in (0, 1000]: the bidirectional base's question. The prompt ""
     asks the unconditional question (the clip of any prompt).
     past=clean (B, F, 3, H, W): the AR teacher's question instead: block i given its x_t and the clean blocks < i,
-    i.e. candidates must match the clean past exactly and only block i's noise counts."""
+    i.e. candidates must match the clean past exactly and only block i's noise counts.
+    frames_alone: each frame f denoised from its own x_t^f only, E[x0^f | x_t^f, prompt]: a denoiser that pools no
+    evidence across frames (the yardstick for how much a model uses the other frames)."""
+    if frames_alone and past is not None:
+        raise ValueError("exact_x0: frames_alone asks about each noisy frame by itself; it takes no clean past")
     s = torch.as_tensor(t, dtype=torch.float32).reshape(-1) / 1000
     out = torch.empty_like(x_t)
     for b, prompt in enumerate(prompts):
         # the empty prompt (the unconditional branch) is the whole toy: every prompt's clips, equally likely
         X = torch.cat([all_clips(p, x_t.shape[1]) for p in (PROMPTS if prompt == "" else [prompt])])
         d2 = (x_t[b, None] - (1 - s[b]) * X).pow(2).flatten(2).sum(-1)  # (K, F) per-frame squared distances
-        if past is None:
+        if frames_alone:
+            w = torch.softmax(-d2 / (2 * s[b] ** 2), 0)  # (K, F): frame f's posterior from frame f's noise alone
+            out[b] = torch.einsum("kf,kfchw->fchw", w, X)
+        elif past is None:
             w = torch.softmax(-d2.sum(1) / (2 * s[b] ** 2), 0)  # (K,)
             out[b] = torch.einsum("k,kfchw->fchw", w, X)
         else:

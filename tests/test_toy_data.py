@@ -389,6 +389,25 @@ def test_exact_denoiser_equals_bayes_rule_with_gaussian_likelihoods():
         assert torch.allclose(out[b].double(), torch.einsum("k,k...->...", w, X), atol=1e-4)
 
 
+def test_exact_denoiser_of_each_frame_alone_is_bayes_rule_per_frame_and_loses_what_pooling_gains():
+    """frames_alone: frame f's posterior mean from x_t^f only (Normal log-likelihoods per frame, computed here
+    independently). At s = 0.8 the whole clip names its clip (joint error ~0) while single frames do not."""
+    clips, prompts = toy_data.sample_clips(3, seed=5)
+    s = 0.8
+    x_t = (1 - s) * clips + s * torch.randn(clips.shape, generator=torch.Generator().manual_seed(2))
+    alone = toy_data.exact_x0(x_t, torch.full((3,), 1000 * s), prompts, frames_alone=True)
+    for b, p in enumerate(prompts):
+        X = toy_data.all_clips(p).double()  # (K, F, 3, H, W)
+        logp = torch.distributions.Normal((1 - s) * X, s).log_prob(x_t[b].double()).flatten(2).sum(2)  # (K, F)
+        w = torch.softmax(logp, 0)
+        assert torch.allclose(alone[b].double(), torch.einsum("kf,kf...->f...", w, X), atol=1e-4)
+    joint = toy_data.exact_x0(x_t, torch.full((3,), 1000 * s), prompts)
+    err = lambda x: (x - clips).pow(2).mean().item()
+    assert err(joint) < 1e-3 < 0.01 < err(alone)
+    with pytest.raises(ValueError, match="no clean past"):
+        toy_data.exact_x0(x_t, torch.full((3,), 1000 * s), prompts, past=clips, frames_alone=True)
+
+
 def test_exact_score_reads_the_prompt_back_and_returns_the_exact_velocity():
     score = toy_data.ExactScore()
     text = toy_data.TextEncoder()
