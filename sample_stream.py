@@ -34,7 +34,7 @@ import torch
 from tqdm import tqdm
 
 import toy_data
-from model import (ConfigError, KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
+from model import (PRESETS, ConfigError, KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
                    run_main, timestep_grid, warped_steps, x0_from_v)
 
 
@@ -663,6 +663,14 @@ def stdin_prompts():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     fast_mode(args)  # both fast paths at once: refused before any work
+    if args.window is not None and args.window < 0:
+        raise ConfigError(f"--window {args.window}: the recent frames a rolling cache keeps, at least 1 (0: the full cache)")
+    if args.sink < 0:
+        raise ConfigError(f"--sink {args.sink}: the first frames a rolling cache keeps forever, 0 or more")
+    if args.fps <= 0:
+        raise ConfigError(f"--fps {args.fps:g}: the playback rate must be positive")
+    if args.model and args.model not in PRESETS:
+        raise ConfigError(f"--model {args.model!r} is not a preset: use one of {', '.join(PRESETS)}")
     if args.bench and args.model:  # the Wan-scale speed benchmark (random weights): wan_scale.py
         import wan_scale
         return wan_scale.bench_wan(args)

@@ -239,9 +239,11 @@ class ScaleOptions:
     actions: bool = False  # the action-conditioned world model (toy only, Causal Forcing++ §3.3): every stage
     # trains and samples with per-frame actions; its checkpoints live in checkpoints/world/ unless --out-dir says
 
-    def __post_init__(self):  # the world model's checkpoints keep their own folder, under the same file names
-        if self.actions and getattr(self, "out_dir", None) == "checkpoints":
-            self.out_dir = WORLD_DIR
+    def __post_init__(self):
+        if self.model not in PRESETS:
+            raise ConfigError(f"--model {self.model!r} is not a preset: use one of {', '.join(PRESETS)}")
+        if self.actions and getattr(self, "out_dir", None) == "checkpoints":  # the world model's checkpoints keep
+            self.out_dir = WORLD_DIR  # their own folder, under the same file names
 
 
 WORLD_DIR = "checkpoints/world"  # the default --out-dir of every stage with --actions
@@ -711,9 +713,7 @@ def plan_memory(stage, cfg, batch, frames, H, W, frames_per_block=1, param_dtype
 def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
     """The plan of one training step of a stage script with these options, at the data's clip size:
     (parts, a line describing what was planned). Activations are bf16 on a GPU (autocast) or with bf16 weights."""
-    if opts.model not in PRESETS:
-        raise ConfigError(f"unknown --model {opts.model!r}; presets: {sorted(PRESETS)}")
-    cfg = PRESETS[opts.model]
+    cfg = PRESETS[opts.model]  # a known preset: ScaleOptions checks it when the flags are read
     if opts.data == "toy":
         import toy_data
         frames, H, W = toy_data.ToyData.shape

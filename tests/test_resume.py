@@ -318,6 +318,40 @@ def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
                                "(got 'nope')"
 
 
+@pytest.mark.parametrize("stage, argv, message", [
+    (causal_cd, ["--ckpt-every", "0"], "--ckpt-every must be at least 1 (got 0)"),  # was a ZeroDivisionError
+    (ar_teacher, ["--batch-size", "0"], "--batch-size must be at least 1 (got 0)"),  # was a "finished" empty run
+    (causal_cd, ["--steps", "-1"], "--steps must be at least 1 (got -1)"),
+    (ode_init, ["--ema-decay", "2"], "--ema-decay must be between 0 and 1 (got 2.0)"),
+    (dmd, ["--lr-critic", "0"], "--lr-critic must be positive (got 0.0)"),
+    (dmd, ["--max-t", "1001"], "--max-t must be between 0 and 1000 (got 1001.0)"),
+    (causal_cd, ["--device", "nope"], "--device 'nope' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    (ar_teacher, ["--model", "nope"], "--model 'nope' is not a preset: use one of wan2.1-1.3b, wan2.1-14b, toy, wan-tiny"),
+])
+def test_a_number_out_of_range_is_one_line_and_exit_2(stage, argv, message, capsys):
+    with pytest.raises(SystemExit) as stop:
+        M.parse_config(stage.Config, argv)
+    assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_a_gpu_this_machine_lacks_is_refused_before_any_work(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        M.parse_config(dmd.Config, ["--device", "cuda"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == "error: --device cuda: this PyTorch sees no CUDA device here; use --device cpu (or auto)\n"
+    assert M.pick_device("auto").type in ("cpu", "mps")
+
+
+def test_every_stages_defaults_are_in_range_and_every_checked_option_exists():
+    import dataclasses
+    for stage in (ar_teacher, ode_init, causal_cd, dmd):
+        for argv in ([], ["--actions"]):
+            assert M.parse_config(stage.Config, argv) == stage.Config(actions=bool(argv))
+    fields = {f.name for stage in (ar_teacher, ode_init, causal_cd, dmd) for f in dataclasses.fields(stage.Config)}
+    assert {name for names, _, _ in M.OPTION_RANGES for name in names} <= fields  # a misspelt name checks nothing
+
+
 def test_help_shows_each_flag_with_its_dataclass_comment_and_default(capsys):
     with pytest.raises(SystemExit):
         M.parse_config(ar_teacher.Config, ["--help"])

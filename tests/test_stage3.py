@@ -195,6 +195,10 @@ def test_cli_bad_input_fails_before_any_work(streamable, tmp_path):
         cli(paths[1], tmp, "--first-frame", str(tmp / "gray.png"))
     with pytest.raises(M.ConfigError, match=r"--frames 0: generate at least one frame"):
         cli(paths[1], tmp, "--frames", "0")
+    for flag, value, message in (("--window", "-2", "at least 1 \\(0: the full cache\\)"), ("--sink", "-1", "0 or more"),
+                                 ("--fps", "0", "must be positive")):
+        with pytest.raises(M.ConfigError, match=rf"{flag} {value}: .*{message}"):
+            cli(paths[1], tmp, flag, value)
     with pytest.raises(ValueError, match="needs a frame-wise checkpoint"):
         S.main(["--ckpt", paths[3], "--frames", "6", "--first-frame", str(tmp / "big.png")])
     base = str(tmp / "base.pt")

@@ -244,8 +244,13 @@ def test_wan_scale_errors_say_what_to_do(wan_tiny, capsys):
         WS.open_data("toy", M.PRESETS["wan-tiny"])
     with pytest.raises(ValueError, match="pass --model wan2.1-1.3b --init-weights"):
         ar_teacher.load_base(ar_teacher.Config(data=str(root / "latents")))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # refused while the flags are read, in one line
+        M.parse_config(dmd.Config, ["--dry-run", "--model", "wan3"])
+    assert capsys.readouterr().err == "error: --model 'wan3' is not a preset: use one of wan2.1-1.3b, wan2.1-14b, " \
+                                      "toy, wan-tiny\n"
     with pytest.raises(ValueError, match="unknown --model"):
-        dmd.train(M.parse_config(dmd.Config, ["--dry-run", "--model", "wan3"]))
+        WS.wan_base("wan3", "random")
 
 
 def test_dry_run_prints_the_plan_without_loading_anything(wan_tiny, capsys):
