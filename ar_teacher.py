@@ -305,6 +305,9 @@ def gap_line(gap):
 def train(cfg):
     if cfg.phase not in ("base", "ar"):
         raise ConfigError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
+    for flag, weighting in (("--base-weighting", cfg.base_weighting), ("--ar-weighting", cfg.ar_weighting)):
+        if weighting not in ("uniform", "bell"):
+            raise ConfigError(f"{flag} must be 'uniform' or 'bell' (got {weighting!r})")
     if cfg.dry_run:  # the plan of one training step, before anything is loaded
         return dry_run("ar" if cfg.phase == "ar" else "base", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)

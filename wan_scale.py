@@ -242,6 +242,11 @@ class ScaleOptions:
     def __post_init__(self):
         if self.model not in PRESETS:
             raise ConfigError(f"--model {self.model!r} is not a preset: use one of {', '.join(PRESETS)}")
+        if self.data == "toy":  # (a latent folder's clip length is checked when the folder is opened)
+            import toy_data
+            fpb = getattr(self, "frames_per_block", 1)
+            if fpb < 1 or toy_data.FRAMES % fpb:
+                raise ConfigError(f"--frames-per-block {fpb} must divide the {toy_data.FRAMES} frames of a toy clip")
         if self.actions and getattr(self, "out_dir", None) == "checkpoints":  # the world model's checkpoints keep
             self.out_dir = WORLD_DIR  # their own folder, under the same file names
 

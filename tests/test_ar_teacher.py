@@ -216,6 +216,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, monkeypatch):
         M.parse_config(ar_teacher.Config, ["--phase", "ar", "--learning-rate", "1"])
     with pytest.raises(ValueError, match="--phase must be"):
         ar_teacher.train(tiny_run(tmp_path, phase="teacher"))
+    with pytest.raises(ValueError, match="--base-weighting must be 'uniform' or 'bell' \\(got 'nope'\\)"):
+        ar_teacher.train(tiny_run(tmp_path, phase="base", base_weighting="nope"))  # once trained as "uniform"
 
 
 def test_ship_writes_small_strict_loadable_teacher_and_later_stages_fall_back_to_it(tmp_path, monkeypatch):

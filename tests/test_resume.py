@@ -326,6 +326,7 @@ def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
     (dmd, ["--lr-critic", "0"], "--lr-critic must be positive (got 0.0)"),
     (dmd, ["--max-t", "1001"], "--max-t must be between 0 and 1000 (got 1001.0)"),
     (causal_cd, ["--device", "nope"], "--device 'nope' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    (ode_init, ["--frames-per-block", "4"], "--frames-per-block 4 must divide the 6 frames of a toy clip"),
     (ar_teacher, ["--model", "nope"], "--model 'nope' is not a preset: use one of wan2.1-1.3b, wan2.1-14b, toy, wan-tiny"),
 ])
 def test_a_number_out_of_range_is_one_line_and_exit_2(stage, argv, message, capsys):
