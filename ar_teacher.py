@@ -302,12 +302,20 @@ def gap_line(gap):
 # Training
 
 
-def train(cfg):
+def check_flags(cfg):
+    """The flags' own errors, before any work (a training run or --eval-only)."""
     if cfg.phase not in ("base", "ar"):
         raise ConfigError(f"--phase must be 'base' or 'ar' (got {cfg.phase!r})")
     for flag, weighting in (("--base-weighting", cfg.base_weighting), ("--ar-weighting", cfg.ar_weighting)):
         if weighting not in ("uniform", "bell"):
             raise ConfigError(f"{flag} must be 'uniform' or 'bell' (got {weighting!r})")
+    if cfg.phase == "ar" and cfg.shift != Config.shift:  # the AR teacher reads its schedule from its base
+        raise ConfigError(f"--shift sets the base's schedule (--phase base --shift {cfg.shift:g}); the AR teacher "
+                          f"inherits its base's: drop --shift")
+
+
+def train(cfg):
+    check_flags(cfg)
     if cfg.dry_run:  # the plan of one training step, before anything is loaded
         return dry_run("ar" if cfg.phase == "ar" else "base", cfg, cfg.batch_size, cfg.frames_per_block, momentum=True)
     part, device = start_distributed(pick_device(cfg.device))  # torchrun: this process's share (wan_scale.Part)
@@ -495,6 +503,7 @@ def report(ema, cfg, name, text, minutes):
 
 def evaluate_only(cfg):
     """--eval-only: the closing report of a finished toy teacher (this run's checkpoint, else the shipped one)."""
+    check_flags(cfg)
     teacher = find_teacher(cfg)
     if teacher is None:
         raise FileNotFoundError(f"{checkpoint_path(cfg)} not found (nor a shipped one); make it with: "

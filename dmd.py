@@ -136,7 +136,7 @@ def load_init(init, out_dir, frames_per_block, device, actions=False):
         return ode_init.load_student(out_dir, "bidirectional", frames_per_block, device, actions=actions)
     if init == "ar_teacher":
         return ar_teacher.load_teacher(out_dir, "ar", frames_per_block, device=device, actions=actions)
-    raise ConfigError(f"--init must be one of {', '.join(INITS)} (got {init!r})")
+    raise ValueError(f"unknown init {init!r}")  # train() names the flag's choices before any work
 
 
 def step_lists(num_steps, frames_per_block, shift):
@@ -208,6 +208,16 @@ def critic_fit(critic, base, x, ctx, actions=None, ts=(50, 200, 400, 600, 800, 9
 
 
 def train(cfg):
+    if cfg.init not in INITS:
+        raise ConfigError(f"--init must be one of {', '.join(INITS)} (got {cfg.init!r})")
+    if cfg.num_steps not in (1, 2, 4):
+        raise ConfigError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
+    if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
+        raise ConfigError(f"--real-score must be 'base' or, on the plain toy only (its data law is known), 'exact' "
+                         f"(got {cfg.real_score!r} with --data {cfg.data}{' --actions' if cfg.actions else ''})")
+    if cfg.real_score == "exact" and cfg.real_guidance != 1:
+        raise ConfigError(f"--real-score exact is the data law itself; CFG would push past it: add --real-guidance 1 "
+                          f"(got --real-guidance {cfg.real_guidance:g})")
     if cfg.dry_run:  # the plan of one generator + critic update, before anything is loaded
         return dry_run("dmd", cfg, cfg.batch_size, cfg.frames_per_block, ema=cfg.ema_start > 0)
     t_start = time.time()
@@ -215,11 +225,6 @@ def train(cfg):
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     part.check(cfg)
-    if cfg.num_steps not in (1, 2, 4):
-        raise ConfigError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
-    if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
-        raise ConfigError(f"--real-score must be 'base' or, on the plain toy only (its data law is known), 'exact' "
-                         f"(got {cfg.real_score!r} with --data {cfg.data}{' --actions' if cfg.actions else ''})")
     generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device, cfg.actions)
     data = open_data(cfg.data, generator.cfg, cfg.clip_frames, cfg.actions)
     n_frames, H, W = data.shape

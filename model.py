@@ -648,7 +648,9 @@ def pick_device(name="auto"):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ConfigError(f"--device {name!r} is not a device: use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r} is not a compute device: use auto, cpu, cuda, cuda:N or mps")
     if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
         raise ConfigError(f"--device {name}: this PyTorch sees no {device.type.upper()} device here; use --device cpu "
                           f"(or auto)")

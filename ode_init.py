@@ -284,6 +284,8 @@ def pair_loss(student, pairs, teacher_kind, frames_per_block, n=None, batch=64):
 def train(cfg):
     if cfg.teacher not in ("ar", "bidirectional"):
         raise ConfigError(f"--teacher must be 'ar' or 'bidirectional' (got {cfg.teacher!r})")
+    if cfg.noisy_prefix and cfg.teacher != "bidirectional":
+        raise ConfigError("--noisy-prefix is an ablation of the bidirectional-ODE student: add --teacher bidirectional")
     if cfg.exact_teacher and (cfg.data != "toy" or cfg.actions):
         raise ConfigError("--exact-teacher needs the plain toy, whose data law is known (drop --data / --actions)")
     if cfg.exact_teacher and cfg.guidance != 1:

@@ -28,6 +28,7 @@ World model (a checkpoint of the stages run with --actions, checkpoints/world/):
         --actions down-right,down-right,down-right,up-right,up-right,up-right,stay,stay,up-left,up-left,up-left,up-left
 """
 import os
+import sys
 import time
 
 import torch
@@ -509,7 +510,11 @@ def read_first_frame(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"--first-frame {path}: no such file (python toy_data.py writes an example, "
                                 f"out/toy_first_frame.png)")
-    img = np.asarray(imageio.imread(path))
+    try:
+        img = np.asarray(imageio.imread(path))
+    except (ValueError, OSError) as err:  # not an image imageio can read (a folder, a text file, ...)
+        raise ConfigError(f"--first-frame {path} is not an image ({err}); give a {Stream.frame_hw[1]}x"
+                          f"{Stream.frame_hw[0]} RGB PNG") from None
     channels = 1 if img.ndim == 2 else img.shape[2]
     if channels not in (3, 4):
         raise ConfigError(f"--first-frame {path}: the image has {channels} channel{'s' * (channels > 1)} "
@@ -610,7 +615,6 @@ def key_presses():
     terminal back its settings. From a pipe the same keys are read as bytes; its end is not a key (the stream goes
     on to --frames)."""
     import queue
-    import sys
     import threading
     q, fd, old = queue.Queue(), sys.stdin.fileno(), None
     if sys.stdin.isatty():
@@ -638,17 +642,19 @@ def key_presses():
 
 def read_action_script(spec, n_frames):
     """--actions: a string or a file of comma- or line-separated actions -> (n_frames,) long, checked."""
-    text = open(spec).read().replace("\n", ",") if os.path.isfile(spec) else spec
     try:
+        text = open(spec).read().replace("\n", ",") if os.path.isfile(spec) else spec
         return toy_data.parse_actions(",".join(a for a in text.split(",") if a.strip()), n_frames)
+    except UnicodeDecodeError:
+        raise ConfigError(f"--actions {spec} is not a text file of actions") from None
     except ValueError as err:
-        raise ConfigError(f"--actions: {err}") from None
+        looks_like_a_file = "," not in spec and ("/" in spec or "." in spec)
+        raise ConfigError(f"--actions: {err}" + (f" (and no file {spec} exists)" if looks_like_a_file else "")) from None
 
 
 def stdin_prompts():
     """A daemon thread that puts each line typed on stdin into a queue (None at end of input)."""
     import queue
-    import sys
     import threading
     q = queue.Queue()
 
@@ -671,6 +677,15 @@ def main(argv=None):
         raise ConfigError(f"--fps {args.fps:g}: the playback rate must be positive")
     if args.model and args.model not in PRESETS:
         raise ConfigError(f"--model {args.model!r} is not a preset: use one of {', '.join(PRESETS)}")
+    if args.steps not in (0, 1, 2, 4):
+        raise ConfigError(f"--steps must be 1, 2 or 4 (got {args.steps})")
+    if args.interactive and args.frames is None and not sys.stdin.isatty():
+        raise ConfigError("--interactive reads a terminal; from a pipe or file give the stream a length (--frames N), "
+                          "or use --switch FRAME:PROMPT / --actions")
+    out_dir = os.path.dirname(args.out) or "."
+    if os.path.isdir(args.out) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
+        raise ConfigError(f"--out {args.out}: " + ("a folder" if os.path.isdir(args.out) else f"{out_dir} is a file")
+                          + "; give a .gif or .mp4 file name")
     if args.bench and args.model:  # the Wan-scale speed benchmark (random weights): wan_scale.py
         import wan_scale
         return wan_scale.bench_wan(args)
@@ -689,8 +704,6 @@ def main(argv=None):
         return wan_scale.main_wan(args, model, ckpt, device)
     fpb = ckpt["config"].get("frames_per_block", 1)
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
-    if n_steps not in (1, 2, 4):
-        raise ConfigError(f"--steps must be 1, 2 or 4 (got {n_steps})")
     if args.window is None:
         args.window = default_window(fpb)
     if args.interactive and not args.window:

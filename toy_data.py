@@ -874,6 +874,9 @@ def roughen(clips, k, seed=0):
 # -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
+    import argparse  # no options; --help describes the run, anything else is refused
+    argparse.ArgumentParser(description="The toy world's evaluator on real and corrupted clips (a metrics table), "
+                                        "and sample GIFs of the world in out/").parse_args()
     clips, prompts = sample_clips(64, seed=0)
     t0 = time.perf_counter()
     for _ in range(100):

@@ -54,6 +54,9 @@ def _safetensors_files(path):
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
         return [os.path.join(os.path.dirname(path), s) for s in shards]
+    if not path.endswith(".safetensors"):
+        raise ConfigError(f"{path} is not Wan2.1's weights: give its folder, diffusion_pytorch_model.safetensors or "
+                          f"its .index.json")
     return [path]
 
 
@@ -239,9 +242,15 @@ class ScaleOptions:
     actions: bool = False  # the action-conditioned world model (toy only, Causal Forcing++ §3.3): every stage
     # trains and samples with per-frame actions; its checkpoints live in checkpoints/world/ unless --out-dir says
 
-    def __post_init__(self):
+    def __post_init__(self):  # checked when the flags are read, so a --dry-run checks them too
         if self.model not in PRESETS:
             raise ConfigError(f"--model {self.model!r} is not a preset: use one of {', '.join(PRESETS)}")
+        if self.param_dtype not in DTYPES:
+            raise ConfigError(f"--param-dtype must be one of {sorted(DTYPES)} (got {self.param_dtype!r})")
+        if self.optimizer not in ("adamw", "lean"):
+            raise ConfigError(f"--optimizer must be 'adamw' or 'lean' (got {self.optimizer!r})")
+        if os.path.isfile(getattr(self, "out_dir", "")):
+            raise ConfigError(f"--out-dir {self.out_dir} is a file; give the folder checkpoints go to")
         if self.data == "toy":  # (a latent folder's clip length is checked when the folder is opened)
             import toy_data
             fpb = getattr(self, "frames_per_block", 1)
@@ -443,6 +452,13 @@ def read_video(path, frames=81, size=(480, 832)):
 def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), device="cpu", wan=WAN_DIFFUSERS):
     """videos/NAME.mp4 with its prompt in videos/NAME.txt -> out/NAME.safetensors (wan_scale.LatentFolder's format),
     with the umT5 encoder and the VAE of `wan` (the -Diffusers download's folder, or its hub name)."""
+    if not os.path.isdir(videos):
+        raise ConfigError(f"--videos {videos}: " + ("a file; give the folder" if os.path.exists(videos) else "no such folder")
+                          + " of NAME.mp4 + NAME.txt (the prompt) pairs")
+    if os.path.isfile(out):
+        raise ConfigError(f"--out {out} is a file; give the folder the latent clips go to")
+    if frames < 1 or min(size) < 1:
+        raise ConfigError(f"--frames {frames} --size {size[0]}x{size[1]}: each must be at least 1")
     names = sorted(os.path.splitext(f)[0] for f in os.listdir(videos) if f.endswith((".mp4", ".gif", ".webm", ".mov")))
     missing = [n for n in names if not os.path.exists(os.path.join(videos, n + ".txt"))]
     if not names or missing:
@@ -1130,6 +1146,13 @@ def bench_wan(args):
     cfg = PRESETS[args.model]
     h, w = parse_hw(args.latent_hw)
     n_lat = args.latent_frames
+    _, ph, pw = cfg.patch
+    if h < ph or w < pw or h % ph or w % pw:
+        raise ConfigError(f"--latent-hw {args.latent_hw}: height and width must be positive multiples of the patch "
+                          f"({ph}x{pw}), e.g. 60x104")
+    if n_lat < 3 or args.peak_tflops <= 0:
+        raise ConfigError(f"--latent-frames {n_lat} --peak-tflops {args.peak_tflops:g}: the bench needs at least 3 "
+                          f"latent frames (one 3-frame chunk) and a positive peak")
     fast = fast_mode(args) or ("graph" if device.type == "cuda" else "static")
     limit_memory(device, args.memory_cap_gib)
     print(format_plan("stream", plan_memory("stream", cfg, 1, n_lat, h, w, param_dtype="bfloat16",
@@ -1216,11 +1239,11 @@ def bench_wan(args):
     return results
 
 
-def parse_hw(spec):
+def parse_hw(spec, flag="--latent-hw", example="60x104"):
     try:
         h, w = (int(v) for v in spec.lower().split("x"))
     except ValueError:
-        raise ConfigError(f"expected HxW, e.g. 60x104 (got {spec!r})") from None
+        raise ConfigError(f"{flag} {spec!r}: expected HxW, e.g. {example}") from None
     return h, w
 
 
@@ -1284,4 +1307,5 @@ if __name__ == "__main__":
     parser.add_argument("--wan", default=WAN_DIFFUSERS, help="the Wan2.1-T2V-1.3B-Diffusers download (a folder with "
                         "vae/, text_encoder/, tokenizer/) or its hub name")
     a = parser.parse_args()
-    run_main(make_latent_folder, a.videos, a.out, a.negative, a.frames, parse_hw(a.size), pick_device(a.device), a.wan)
+    run_main(lambda: make_latent_folder(a.videos, a.out, a.negative, a.frames, parse_hw(a.size, "--size", "480x832"),
+                                        pick_device(a.device), a.wan))  # a bad --size or --device: one line too

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import wan_scale as WS
+from model import ConfigError
 
 
 def make_folder(tmp_path, n=3, F=5, H=6, W=8, text_dim=64):
@@ -55,3 +56,25 @@ def test_latent_folder_errors_name_the_file_and_the_difference(tmp_path):
     with pytest.raises(ValueError, match="4 latent frames, fewer than the 6"):
         WS.write_latent_clip(str(tmp_path / "clip_big.safetensors"), torch.zeros(4, 16, 6, 8), torch.zeros(3, 64))
         WS.LatentFolder(str(tmp_path), text_dim=64, frames=6)
+
+
+def test_bad_input_to_the_wan_tools_is_refused_before_anything_loads(tmp_path):
+    """The encoder CLI (wan_scale.py --videos), Wan weights and the Wan stream bench: one-line errors that name the
+    flag, raised before any encoder, VAE or model is built."""
+    import sample_stream as S
+    (tmp_path / "f.txt").write_text("not a folder")
+    out = str(tmp_path / "latents")
+    with pytest.raises(ConfigError, match="--videos .*nope: no such folder of NAME.mp4"):
+        WS.make_latent_folder(str(tmp_path / "nope"), out)
+    with pytest.raises(ConfigError, match="--videos .*f.txt: a file; give the folder"):
+        WS.make_latent_folder(str(tmp_path / "f.txt"), out)
+    with pytest.raises(ConfigError, match="--out .*f.txt is a file"):
+        WS.make_latent_folder(str(tmp_path), str(tmp_path / "f.txt"))
+    with pytest.raises(ConfigError, match="--frames 0 --size 480x832: each must be at least 1"):
+        WS.make_latent_folder(str(tmp_path), out, frames=0)
+    with pytest.raises(ConfigError, match="--size '480': expected HxW, e.g. 480x832"):
+        WS.parse_hw("480", "--size", "480x832")
+    with pytest.raises(ConfigError, match="is not Wan2.1's weights"):
+        WS.load_wan_weights(None, str(tmp_path / "f.txt"))
+    with pytest.raises(ConfigError, match="--latent-hw 7x9: height and width must be positive multiples of the patch"):
+        S.main(["--bench", "--model", "wan-tiny", "--latent-hw", "7x9"])

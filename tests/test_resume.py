@@ -325,14 +325,32 @@ def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
     (ode_init, ["--ema-decay", "2"], "--ema-decay must be between 0 and 1 (got 2.0)"),
     (dmd, ["--lr-critic", "0"], "--lr-critic must be positive (got 0.0)"),
     (dmd, ["--max-t", "1001"], "--max-t must be between 0 and 1000 (got 1001.0)"),
-    (causal_cd, ["--device", "nope"], "--device 'nope' is not a device: use auto, cpu, cuda, cuda:N or mps"),
+    (causal_cd, ["--device", "nope"], "--device 'nope' is not a compute device: use auto, cpu, cuda, cuda:N or mps"),
     (ode_init, ["--frames-per-block", "4"], "--frames-per-block 4 must divide the 6 frames of a toy clip"),
+    (causal_cd, ["--device", "meta"], "--device 'meta' is not a compute device: use auto, cpu, cuda, cuda:N or mps"),
+    (ode_init, ["--param-dtype", "float16"], "--param-dtype must be one of ['bfloat16', 'float32'] (got 'float16')"),
+    (ar_teacher, ["--dry-run", "--optimizer", "sgd"], "--optimizer must be 'adamw' or 'lean' (got 'sgd')"),
+    (causal_cd, ["--out-dir", "README.md"], "--out-dir README.md is a file; give the folder checkpoints go to"),
     (ar_teacher, ["--model", "nope"], "--model 'nope' is not a preset: use one of wan2.1-1.3b, wan2.1-14b, toy, wan-tiny"),
 ])
 def test_a_number_out_of_range_is_one_line_and_exit_2(stage, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
         M.parse_config(stage.Config, argv)
     assert stop.value.code == 2 and capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_flags_that_contradict_each_other_are_refused_before_any_work(tmp_path):
+    for run, stage, argv, message in [
+        (ar_teacher.evaluate_only, ar_teacher, ["--phase", "nope", "--eval-only"], "--phase must be 'base' or 'ar'"),
+        (ar_teacher.train, ar_teacher, ["--phase", "ar", "--shift", "5"], "--shift sets the base's schedule"),
+        (ode_init.train, ode_init, ["--teacher", "ar", "--noisy-prefix"], "--noisy-prefix is an ablation of the "
+                                                                          "bidirectional-ODE student"),
+        (dmd.train, dmd, ["--real-score", "exact"], "CFG would push past it: add --real-guidance 1"),
+        (dmd.train, dmd, ["--dry-run", "--init", "nope"], "--init must be one of"),  # the dry run checks them too
+    ]:
+        with pytest.raises(M.ConfigError, match=message):
+            run(M.parse_config(stage.Config, argv + ["--out-dir", str(tmp_path)]))
+    assert os.listdir(tmp_path) == []
 
 
 def test_a_gpu_this_machine_lacks_is_refused_before_any_work(monkeypatch, capsys):

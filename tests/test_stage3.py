@@ -1,6 +1,7 @@
 """Stage 3 (dmd.py) and the streaming sampler / CLI (sample_stream.py): the DMD rollout is the inference sampler,
 gradient only through exit steps, the DMD gradient's exact form, cache equivalences (rolling window >= length,
 no-cache recompute), prompt switching, I2V, smoke runs and clear errors."""
+import io
 import os
 
 import imageio.v2 as imageio
@@ -199,6 +200,12 @@ def test_cli_bad_input_fails_before_any_work(streamable, tmp_path):
                                  ("--fps", "0", "must be positive")):
         with pytest.raises(M.ConfigError, match=rf"{flag} {value}: .*{message}"):
             cli(paths[1], tmp, flag, value)
+    with pytest.raises(M.ConfigError, match=r"--out .*: a folder; give a .gif or .mp4 file name"):
+        S.main(["--ckpt", paths[1], "--out", str(tmp)])
+    with pytest.raises(M.ConfigError, match=r"--first-frame .* is not an image"):
+        cli(paths[1], tmp, "--first-frame", str(tmp))
+    with pytest.raises(M.ConfigError, match=r"--steps must be 1, 2 or 4 \(got 3\)"):
+        S.main(["--bench", "--steps", "3"])  # before any timing
     with pytest.raises(ValueError, match="needs a frame-wise checkpoint"):
         S.main(["--ckpt", paths[3], "--frames", "6", "--first-frame", str(tmp / "big.png")])
     base = str(tmp / "base.pt")
@@ -272,6 +279,15 @@ def test_interactive_mode_switches_on_typed_prompts_and_stops_on_quit(streamable
         def get(self):
             return self.ready.pop(0)
 
+    with pytest.raises(M.ConfigError, match="--interactive reads a terminal; from a pipe or file give the stream a "
+                                            "length"):  # under pytest stdin is no terminal: an endless stream refused
+        S.main(["--ckpt", paths[1], "--interactive"])
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(S.sys, "stdin", Terminal())
     monkeypatch.setattr(S, "stdin_prompts", lambda: TypedLines({3: ["green square"], 4: ["purple cat"], 6: ["quit"]}))
     clip = S.main(["--ckpt", paths[1], "--interactive", "--fps", "1000", "--out", str(tmp / "i.gif")])
     out = capsys.readouterr().out
