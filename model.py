@@ -809,8 +809,9 @@ def load_checkpoint(path, stage=None, make_cmd=None):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated / not a torch file
-        raise ConfigError(f"could not read checkpoint {path} ({type(err).__name__}: {err}); "
-                         f"delete it and re-run{(': ' + make_cmd) if make_cmd else ''}") from err
+        fix = (f"delete it and re-run{(': ' + make_cmd) if make_cmd else ''}" if path.endswith(".pt") else
+               "give a .pt checkpoint of this project")  # never advise deleting a file that is no checkpoint
+        raise ConfigError(f"could not read checkpoint {path} ({type(err).__name__}: {err}); {fix}") from err
     if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
         raise ConfigError(f"{path} is not a checkpoint of this project (no 'model' / 'model_config' entries)")
     if stage is not None and ckpt.get("stage") not in ((stage,) if isinstance(stage, str) else tuple(stage)):

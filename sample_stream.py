@@ -697,6 +697,9 @@ def main(argv=None):
     model, ckpt = load_streamable(args.ckpt)
     device = pick_device(args.device)
     model = model.to(device)
+    if model.cfg.in_dim == 3 and (args.text or args.vae):
+        raise ConfigError(f"--text / --vae are for Wan-shaped checkpoints; {args.ckpt} is a toy model (its prompt: "
+                          f"--prompt)")
     if model.cfg.in_dim != 3:  # a Wan-shaped checkpoint: latents, umT5 features, the Wan VAE (wan_scale.py)
         if args.actions:
             raise ConfigError(f"--actions: {args.ckpt} is a Wan-shaped model; the world with actions is the toy's")

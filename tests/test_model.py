@@ -384,8 +384,11 @@ def test_checkpoint_roundtrip_and_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="python ar_teacher.py --phase ar"):
         M.load_checkpoint(str(tmp_path / "nope.pt"), make_cmd="python ar_teacher.py --phase ar")
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="could not read checkpoint"):
-        M.load_checkpoint(str(tmp_path / "broken.pt"))
+    with pytest.raises(ValueError, match="could not read checkpoint .*; delete it and re-run: python x.py"):
+        M.load_checkpoint(str(tmp_path / "broken.pt"), make_cmd="python x.py")
+    (tmp_path / "notes.md").write_text("a user's file")
+    with pytest.raises(ValueError, match="could not read checkpoint .*; give a .pt checkpoint of this project$"):
+        M.load_checkpoint(str(tmp_path / "notes.md"), make_cmd="python x.py")  # never: "delete it"
     bad = dict(ckpt, model={k: v for k, v in ckpt["model"].items() if "blocks.0." not in k})
     with pytest.raises(M.WeightsMismatchError, match="missing"):
         M.model_from_checkpoint(bad)

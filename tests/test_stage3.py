@@ -204,6 +204,8 @@ def test_cli_bad_input_fails_before_any_work(streamable, tmp_path):
         S.main(["--ckpt", paths[1], "--out", str(tmp)])
     with pytest.raises(M.ConfigError, match=r"--first-frame .* is not an image"):
         cli(paths[1], tmp, "--first-frame", str(tmp))
+    with pytest.raises(M.ConfigError, match=r"--text / --vae are for Wan-shaped checkpoints; .* is a toy model"):
+        cli(paths[1], tmp, "--vae", "random")
     with pytest.raises(M.ConfigError, match=r"--steps must be 1, 2 or 4 \(got 3\)"):
         S.main(["--bench", "--steps", "3"])  # before any timing
     with pytest.raises(ValueError, match="needs a frame-wise checkpoint"):
