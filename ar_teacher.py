@@ -309,6 +309,10 @@ def check_flags(cfg):
     for flag, weighting in (("--base-weighting", cfg.base_weighting), ("--ar-weighting", cfg.ar_weighting)):
         if weighting not in ("uniform", "bell"):
             raise ConfigError(f"{flag} must be 'uniform' or 'bell' (got {weighting!r})")
+    if cfg.phase == "base" and cfg.diffusion_forcing:
+        raise ConfigError("--diffusion-forcing is an ablation of the AR teacher: add --phase ar")
+    if cfg.plain_base and not (cfg.phase == "base" and cfg.actions):
+        raise ConfigError("--plain-base is the plain base a world base starts from: it needs --phase base --actions")
     if cfg.phase == "ar" and cfg.shift != Config.shift:  # the AR teacher reads its schedule from its base
         raise ConfigError(f"--shift sets the base's schedule (--phase base --shift {cfg.shift:g}); the AR teacher "
                           f"inherits its base's: drop --shift")

@@ -422,6 +422,8 @@ def table(cfg):
     DMD timesteps), not the stage-2 init or the evaluation noise."""
     if cfg.actions:
         raise ConfigError("--table is the plain toy's Table 2; run the world model's stages one by one (README)")
+    if (cfg.init, cfg.num_steps) != (Config.init, Config.num_steps):
+        raise ConfigError("--init / --num-steps pick one DMD run; the table's rows are --table-inits / --table-steps")
     parts = [p.strip() for p in cfg.table_steps.split(",")]
     if not set(parts) <= {"1", "2", "4"} or len(set(parts)) != len(parts):
         raise ConfigError(f"--table-steps must list step counts out of 1, 2, 4, e.g. \"1,2,4\" or \"2\" "

@@ -667,8 +667,15 @@ def stdin_prompts():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     fast_mode(args)  # both fast paths at once: refused before any work
+    if args.bench or args.switch_bench:  # fixed settings: a stream's own flags would go unused without a word
+        stray = [name for name in ("prompt", "switch", "actions", "first_frame", "frames", "out", "interactive", "speed")
+                 if getattr(args, name) != parser.get_default(name)]
+        if stray:
+            raise ConfigError(f"{', '.join('--' + n.replace('_', '-') for n in stray)}: --bench / --switch-bench "
+                              f"measure fixed settings and do not use them")
     if args.window is not None and args.window < 0:
         raise ConfigError(f"--window {args.window}: the recent frames a rolling cache keeps, at least 1 (0: the full cache)")
     if args.sink < 0:

@@ -347,6 +347,9 @@ def test_flags_that_contradict_each_other_are_refused_before_any_work(tmp_path):
                                                                           "bidirectional-ODE student"),
         (dmd.train, dmd, ["--real-score", "exact"], "CFG would push past it: add --real-guidance 1"),
         (dmd.train, dmd, ["--dry-run", "--init", "nope"], "--init must be one of"),  # the dry run checks them too
+        (dmd.table, dmd, ["--table", "--init", "causal_ode"], "--init / --num-steps pick one DMD run"),
+        (ar_teacher.train, ar_teacher, ["--phase", "base", "--diffusion-forcing"], "an ablation of the AR teacher"),
+        (ar_teacher.train, ar_teacher, ["--phase", "ar", "--plain-base", "x.pt"], "it needs --phase base --actions"),
     ]:
         with pytest.raises(M.ConfigError, match=message):
             run(M.parse_config(stage.Config, argv + ["--out-dir", str(tmp_path)]))
