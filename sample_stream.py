@@ -666,9 +666,8 @@ def stdin_prompts():
     return q
 
 
-def main(argv=None):
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def check_flags(parser, args):
+    """The flags' own errors, before any checkpoint is read (those that need the checkpoint come in main)."""
     fast_mode(args)  # both fast paths at once: refused before any work
     if args.bench or args.switch_bench:  # fixed settings: a stream's own flags would go unused without a word
         stray = [name for name in ("prompt", "switch", "actions", "first_frame", "frames", "out", "interactive", "speed")
@@ -693,6 +692,12 @@ def main(argv=None):
     if os.path.isdir(args.out) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
         raise ConfigError(f"--out {args.out}: " + ("a folder" if os.path.isdir(args.out) else f"{out_dir} is a file")
                           + "; give a .gif or .mp4 file name")
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     if args.bench and args.model:  # the Wan-scale speed benchmark (random weights): wan_scale.py
         import wan_scale
         return wan_scale.bench_wan(args)
