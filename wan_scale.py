@@ -504,9 +504,14 @@ def open_data(spec, model_cfg, clip_frames=0, actions=False):
                              f"--data <latent folder> for a Wan-shaped model")
         import toy_data
         return toy_data.ToyData(actions)
+    if not parse_clip_size(spec) and not os.path.isdir(spec):
+        raise FileNotFoundError(f"--data {spec}: no such latent folder (make one with python wan_scale.py --videos "
+                                f"<clips> --out {spec}); the toy world is --data toy")
     if model_cfg.in_dim == 3:
-        raise ConfigError(f"--data {spec}: a latent folder needs a Wan-shaped model (--model wan2.1-1.3b or wan-tiny "
-                         f"with --init-weights); the toy model reads --data toy")
+        raise ConfigError(f"--data {spec}: a latent folder needs a Wan-shaped model, but this stage's model (read from "
+                         f"--out-dir, else the shipped toy teacher) is the toy's; train a Wan-shaped AR teacher there "
+                         f"first: python ar_teacher.py --phase ar --model wan2.1-1.3b --init-weights <Wan2.1 folder> "
+                         f"--data {spec}")
     size = parse_clip_size(spec)
     if size:
         return SyntheticLatents(size, model_cfg)

@@ -238,8 +238,11 @@ def test_wan_scale_errors_say_what_to_do(wan_tiny, capsys):
         ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", "base", *wan_args(root)]))
     with pytest.raises(ValueError, match="at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights"):
         ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", "ar", "--data", str(root / "latents")]))
-    with pytest.raises(ValueError, match="needs a Wan-shaped model"):
+    with pytest.raises(ValueError, match="needs a Wan-shaped model, but this stage's model .* is the toy's; train a "
+                                         "Wan-shaped AR teacher there first: python ar_teacher.py --phase ar"):
         WS.open_data(str(root / "latents"), M.PRESETS["toy"])
+    with pytest.raises(FileNotFoundError, match="--data .*nope: no such latent folder"):  # a typo: not a model problem
+        WS.open_data(str(root / "nope"), M.PRESETS["toy"])
     with pytest.raises(ValueError, match="needs the toy model"):
         WS.open_data("toy", M.PRESETS["wan-tiny"])
     with pytest.raises(ValueError, match="pass --model wan2.1-1.3b --init-weights"):
