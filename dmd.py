@@ -215,6 +215,8 @@ def train(cfg):
     if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
         raise ConfigError(f"--real-score must be 'base' or, on the plain toy only (its data law is known), 'exact' "
                          f"(got {cfg.real_score!r} with --data {cfg.data}{' --actions' if cfg.actions else ''})")
+    if cfg.min_t >= cfg.max_t:
+        raise ConfigError(f"--min-t {cfg.min_t:g} must be below --max-t {cfg.max_t:g} (DMD's t is clamped to [min_t, max_t])")
     if cfg.real_score == "exact" and cfg.real_guidance != 1:
         raise ConfigError(f"--real-score exact is the data law itself; CFG would push past it: add --real-guidance 1 "
                           f"(got --real-guidance {cfg.real_guidance:g})")

@@ -669,6 +669,7 @@ def stdin_prompts():
 def check_flags(parser, args):
     """The flags' own errors, before any checkpoint is read (those that need the checkpoint come in main)."""
     fast_mode(args)  # both fast paths at once: refused before any work
+    pick_device(args.device)  # a device this machine lacks
     if args.bench or args.switch_bench:  # fixed settings: a stream's own flags would go unused without a word
         stray = [name for name in ("prompt", "switch", "actions", "first_frame", "frames", "out", "interactive", "speed")
                  if getattr(args, name) != parser.get_default(name)]
@@ -685,9 +686,6 @@ def check_flags(parser, args):
         raise ConfigError(f"--model {args.model!r} is not a preset: use one of {', '.join(PRESETS)}")
     if args.steps not in (0, 1, 2, 4):
         raise ConfigError(f"--steps must be 1, 2 or 4 (got {args.steps})")
-    if args.interactive and args.frames is None and not sys.stdin.isatty():
-        raise ConfigError("--interactive reads a terminal; from a pipe or file give the stream a length (--frames N), "
-                          "or use --switch FRAME:PROMPT / --actions")
     out_dir = os.path.dirname(args.out) or "."
     if os.path.isdir(args.out) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
         raise ConfigError(f"--out {args.out}: " + ("a folder" if os.path.isdir(args.out) else f"{out_dir} is a file")
@@ -723,6 +721,9 @@ def main(argv=None):
         args.window = default_window(fpb)
     if args.interactive and not args.window:
         raise ConfigError("--interactive streams without end: it needs a rolling cache (--window >= 1)")
+    if args.interactive and args.frames is None and model.cfg.num_actions and not sys.stdin.isatty():
+        raise ConfigError("--interactive steers a world model from the keyboard; from a pipe or file, whose end does "
+                          "not stop it, give the stream a length (--frames N), or use --actions")  # typed prompts end
     if args.frames is None:
         args.frames = 10 ** 9 if args.interactive else 48
     n_frames = args.frames

@@ -251,6 +251,9 @@ class ScaleOptions:
             raise ConfigError(f"--optimizer must be 'adamw' or 'lean' (got {self.optimizer!r})")
         if os.path.isfile(getattr(self, "out_dir", "")):
             raise ConfigError(f"--out-dir {self.out_dir} is a file; give the folder checkpoints go to")
+        if self.data != "toy" and not parse_clip_size(self.data) and not os.path.isdir(self.data):  # before weights load
+            raise ConfigError(f"--data {self.data}: no such latent folder (make one with python wan_scale.py --videos "
+                              f"<clips> --out {self.data}); the toy world is --data toy")
         if self.data == "toy":  # (a latent folder's clip length is checked when the folder is opened)
             import toy_data
             fpb = getattr(self, "frames_per_block", 1)
@@ -457,8 +460,10 @@ def make_latent_folder(videos, out, negative="", frames=81, size=(480, 832), dev
                           + " of NAME.mp4 + NAME.txt (the prompt) pairs")
     if os.path.isfile(out):
         raise ConfigError(f"--out {out} is a file; give the folder the latent clips go to")
-    if frames < 1 or min(size) < 1:
-        raise ConfigError(f"--frames {frames} --size {size[0]}x{size[1]}: each must be at least 1")
+    if frames < 1:
+        raise ConfigError(f"--frames {frames}: encode at least one frame per video")
+    if min(size) < 1:
+        raise ConfigError(f"--size {size[0]}x{size[1]}: height and width must be positive")
     names = sorted(os.path.splitext(f)[0] for f in os.listdir(videos) if f.endswith((".mp4", ".gif", ".webm", ".mov")))
     missing = [n for n in names if not os.path.exists(os.path.join(videos, n + ".txt"))]
     if not names or missing:
@@ -504,9 +509,6 @@ def open_data(spec, model_cfg, clip_frames=0, actions=False):
                              f"--data <latent folder> for a Wan-shaped model")
         import toy_data
         return toy_data.ToyData(actions)
-    if not parse_clip_size(spec) and not os.path.isdir(spec):
-        raise FileNotFoundError(f"--data {spec}: no such latent folder (make one with python wan_scale.py --videos "
-                                f"<clips> --out {spec}); the toy world is --data toy")
     if model_cfg.in_dim == 3:
         raise ConfigError(f"--data {spec}: a latent folder needs a Wan-shaped model, but this stage's model (read from "
                          f"--out-dir, else the shipped toy teacher) is the toy's; train a Wan-shaped AR teacher there "
@@ -1155,9 +1157,10 @@ def bench_wan(args):
     if h < ph or w < pw or h % ph or w % pw:
         raise ConfigError(f"--latent-hw {args.latent_hw}: height and width must be positive multiples of the patch "
                           f"({ph}x{pw}), e.g. 60x104")
-    if n_lat < 3 or args.peak_tflops <= 0:
-        raise ConfigError(f"--latent-frames {n_lat} --peak-tflops {args.peak_tflops:g}: the bench needs at least 3 "
-                          f"latent frames (one 3-frame chunk) and a positive peak")
+    if n_lat < 3:
+        raise ConfigError(f"--latent-frames {n_lat}: the bench needs at least 3 (one 3-frame chunk)")
+    if args.peak_tflops <= 0:
+        raise ConfigError(f"--peak-tflops {args.peak_tflops:g}: the GPU's peak must be positive")
     fast = fast_mode(args) or ("graph" if device.type == "cuda" else "static")
     limit_memory(device, args.memory_cap_gib)
     print(format_plan("stream", plan_memory("stream", cfg, 1, n_lat, h, w, param_dtype="bfloat16",

@@ -70,7 +70,7 @@ def test_bad_input_to_the_wan_tools_is_refused_before_anything_loads(tmp_path):
         WS.make_latent_folder(str(tmp_path / "f.txt"), out)
     with pytest.raises(ConfigError, match="--out .*f.txt is a file"):
         WS.make_latent_folder(str(tmp_path), str(tmp_path / "f.txt"))
-    with pytest.raises(ConfigError, match="--frames 0 --size 480x832: each must be at least 1"):
+    with pytest.raises(ConfigError, match="--frames 0: encode at least one frame per video"):
         WS.make_latent_folder(str(tmp_path), out, frames=0)
     with pytest.raises(ConfigError, match="--size '480': expected HxW, e.g. 480x832"):
         WS.parse_hw("480", "--size", "480x832")

@@ -1,6 +1,8 @@
 """The action-conditioned world model (Causal Forcing++ §3.3 on the toy): actions reach every stage's loss and every
 sampler, a frame hears only the actions up to its own, scripted streams are reproducible, and a world model and
 --actions must go together. Tiny models with a random (trained-looking) action embedding, so actions matter."""
+import io
+
 import pytest
 import torch
 
@@ -152,7 +154,7 @@ def test_scripted_streams_are_deterministic_and_follow_the_script(world_ckpt, tm
     assert torch.equal(run(str(tmp_path / "keys.txt")), first)  # a file of one action per line: the same stream
 
 
-def test_world_model_bad_input(world_ckpt, tmp_path, capsys):
+def test_world_model_bad_input(world_ckpt, tmp_path, capsys, monkeypatch):
     out = ["--out", str(tmp_path / "s.gif")]
     with pytest.raises(ConfigError, match="is a world model: give it actions"):
         S.main(["--ckpt", world_ckpt, "--frames", "4", *out])
@@ -164,6 +166,9 @@ def test_world_model_bad_input(world_ckpt, tmp_path, capsys):
         S.main(["--ckpt", world_ckpt, "--frames", "4", "--actions", "stay,stay,stay,stay", "--interactive", *out])
     with pytest.raises(ConfigError, match="is a world model; --bench"):
         S.main(["--ckpt", world_ckpt, "--bench"])
+    monkeypatch.setattr(S.sys, "stdin", io.StringIO())  # a pipe: its end does not stop the keyboard steering
+    with pytest.raises(ConfigError, match="--interactive steers a world model from the keyboard; from a pipe or file"):
+        S.main(["--ckpt", world_ckpt, "--interactive", *out])
     plain = tmp_path / "plain.pt"
     M.save_checkpoint(str(plain), stage="dmd", model_config={**TINY.__dict__, "num_actions": 0},
                       config=dict(frames_per_block=1), **dict.fromkeys(("model", "ema"), M.DiT(M.ModelConfig(
