@@ -152,6 +152,12 @@ PRESETS = {
 }
 
 
+def check_preset(name):
+    """--model: the name of a preset, or a one-line error listing them."""
+    if name not in PRESETS:
+        raise ConfigError(f"--model {name!r} is not a preset: use one of {', '.join(PRESETS)}")
+
+
 # -----------------------------------------------------------------------------------------------------------
 # Building blocks
 

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 import toy_data
-from model import (PRESETS, ConfigError, KVCache, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
+from model import (ConfigError, KVCache, check_preset, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
                    run_main, timestep_grid, warped_steps, x0_from_v)
 
 
@@ -682,8 +682,8 @@ def check_flags(parser, args):
         raise ConfigError(f"--sink {args.sink}: the first frames a rolling cache keeps forever, 0 or more")
     if args.fps <= 0:
         raise ConfigError(f"--fps {args.fps:g}: the playback rate must be positive")
-    if args.model and args.model not in PRESETS:
-        raise ConfigError(f"--model {args.model!r} is not a preset: use one of {', '.join(PRESETS)}")
+    if args.model:
+        check_preset(args.model)
     if args.steps not in (0, 1, 2, 4):
         raise ConfigError(f"--steps must be 1, 2 or 4 (got {args.steps})")
     out_dir = os.path.dirname(args.out) or "."

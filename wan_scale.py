@@ -28,7 +28,7 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from model import (ConfigError, DiT, PRESETS, RMSNorm, WeightsMismatchError, autocast, describe_mismatch,
+from model import (ConfigError, DiT, PRESETS, RMSNorm, check_preset, WeightsMismatchError, autocast, describe_mismatch,
                    pick_device, rope_cos_sin, run_main, warped_steps)
 from sample_stream import _sync, fast_mode, timed_stream
 
@@ -243,8 +243,7 @@ class ScaleOptions:
     # trains and samples with per-frame actions; its checkpoints live in checkpoints/world/ unless --out-dir says
 
     def __post_init__(self):  # checked when the flags are read, so a --dry-run checks them too
-        if self.model not in PRESETS:
-            raise ConfigError(f"--model {self.model!r} is not a preset: use one of {', '.join(PRESETS)}")
+        check_preset(self.model)
         if self.param_dtype not in DTYPES:
             raise ConfigError(f"--param-dtype must be one of {sorted(DTYPES)} (got {self.param_dtype!r})")
         if self.optimizer not in ("adamw", "lean"):
@@ -510,10 +509,10 @@ def open_data(spec, model_cfg, clip_frames=0, actions=False):
         import toy_data
         return toy_data.ToyData(actions)
     if model_cfg.in_dim == 3:
-        raise ConfigError(f"--data {spec}: a latent folder needs a Wan-shaped model, but this stage's model (read from "
-                         f"--out-dir, else the shipped toy teacher) is the toy's; train a Wan-shaped AR teacher there "
-                         f"first: python ar_teacher.py --phase ar --model wan2.1-1.3b --init-weights <Wan2.1 folder> "
-                         f"--data {spec}")
+        raise ConfigError(f"--data {spec}: a latent folder needs a Wan-shaped model, but the checkpoint this stage "
+                         f"starts from (in --out-dir, else a shipped toy teacher) is the toy's; train the earlier stages "
+                         f"at Wan scale into that --out-dir first, from stage 1: python ar_teacher.py --phase ar --model "
+                         f"wan2.1-1.3b --init-weights <Wan2.1 folder> --data {spec}")
     size = parse_clip_size(spec)
     if size:
         return SyntheticLatents(size, model_cfg)
@@ -560,8 +559,7 @@ def wan_base(preset, init_weights, device="cpu"):
     the preset with the weights at `init_weights`, plus a checkpoint-like record for the stages that cite it.
     init_weights="random": random weights in the preset's shape, for measuring memory and speed without a download
     (memory and speed do not depend on the values; the zero-initialised head is filled in so outputs are not 0)."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown --model {preset!r}; presets: {sorted(PRESETS)}")
+    check_preset(preset)
     if init_weights == "random":
         print(f"--init-weights random: {preset} with RANDOM weights (memory / speed measurement only, nothing to learn)")
         torch.manual_seed(0)

@@ -238,8 +238,8 @@ def test_wan_scale_errors_say_what_to_do(wan_tiny, capsys):
         ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", "base", *wan_args(root)]))
     with pytest.raises(ValueError, match="at Wan scale the base is Wan2.1; pass --model wan2.1-1.3b --init-weights"):
         ar_teacher.train(M.parse_config(ar_teacher.Config, ["--phase", "ar", "--data", str(root / "latents")]))
-    with pytest.raises(ValueError, match="needs a Wan-shaped model, but this stage's model .* is the toy's; train a "
-                                         "Wan-shaped AR teacher there first: python ar_teacher.py --phase ar"):
+    with pytest.raises(ValueError, match="needs a Wan-shaped model, but the checkpoint this stage starts from .* is the "
+                                         "toy's; train the earlier stages at Wan scale .* python ar_teacher.py --phase ar"):
         WS.open_data(str(root / "latents"), M.PRESETS["toy"])
     with pytest.raises(SystemExit):  # a typo in --data: refused while the flags are read, before any weights load
         M.parse_config(dmd.Config, ["--data", str(root / "nope")])
@@ -253,7 +253,7 @@ def test_wan_scale_errors_say_what_to_do(wan_tiny, capsys):
         M.parse_config(dmd.Config, ["--dry-run", "--model", "wan3"])
     assert capsys.readouterr().err == "error: --model 'wan3' is not a preset: use one of wan2.1-1.3b, wan2.1-14b, " \
                                       "toy, wan-tiny\n"
-    with pytest.raises(ValueError, match="unknown --model"):
+    with pytest.raises(ValueError, match="--model 'wan3' is not a preset"):
         WS.wan_base("wan3", "random")
 
 
