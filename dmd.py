@@ -69,8 +69,9 @@ import ar_teacher
 import causal_cd
 import ode_init
 import toy_data
-from model import (ConfigError, add_noise, autocast, ema_update, load_checkpoint, model_from_checkpoint, parse_config,
-                   pick_device, run_main, save_run, shift_sigma, start_run, warped_steps, x0_from_v)
+from model import (ConfigError, add_noise, autocast, check_num_steps, ema_update, load_checkpoint,
+                   model_from_checkpoint, parse_config, pick_device, run_main, save_run, shift_sigma, start_run,
+                   warped_steps, x0_from_v)
 from wan_scale import (ScaleOptions, dry_run, limit_memory, load_whole, load_whole_optimizer, make_optimizer,
                        mean_over_processes, on_main, open_data, prepare, report_memory, run_flags, shard,
                        start_distributed, whole)
@@ -210,8 +211,7 @@ def critic_fit(critic, base, x, ctx, actions=None, ts=(50, 200, 400, 600, 800, 9
 def train(cfg):
     if cfg.init not in INITS:
         raise ConfigError(f"--init must be one of {', '.join(INITS)} (got {cfg.init!r})")
-    if cfg.num_steps not in (1, 2, 4):
-        raise ConfigError(f"--num-steps must be 1, 2 or 4 (got {cfg.num_steps})")
+    check_num_steps(cfg.num_steps, "--num-steps")
     if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
         raise ConfigError(f"--real-score must be 'base' or, on the plain toy only (its data law is known), 'exact' "
                          f"(got {cfg.real_score!r} with --data {cfg.data}{' --actions' if cfg.actions else ''})")

@@ -68,14 +68,20 @@ def timestep_grid(n, shift):
     return (1000 * shift_sigma(s_raw, shift)).float()  # (n,)
 
 
+NOMINAL_STEPS = {4: [1000, 750, 500, 250], 2: [1000, 500], 1: [1000]}  # the few-step lists, before the shift
+
+
+def check_num_steps(num_steps, flag="num_steps"):
+    if num_steps not in NOMINAL_STEPS:
+        raise ConfigError(f"{flag} must be 1, 2 or 4 (got {num_steps})")
+
+
 def warped_steps(num_steps, shift):
     """Few-step inference lists. Nominal steps {1000, 750, 500, 250} are read as s_raw = k/1000 and shifted
     (Self Forcing's warp_denoising_step). With shift 5: 4 -> [1000, 937.5, 833.3, 625], 2 -> [1000, 833.3],
     1 -> [1000]; these are exactly indices 0/12/24/36 of the 48-grid, which is why ODE pairs store them."""
-    nominal = {4: [1000, 750, 500, 250], 2: [1000, 500], 1: [1000]}
-    if num_steps not in nominal:
-        raise ConfigError(f"num_steps must be 1, 2 or 4 (got {num_steps})")
-    s_raw = torch.tensor(nominal[num_steps], dtype=torch.float64) / 1000
+    check_num_steps(num_steps)
+    s_raw = torch.tensor(NOMINAL_STEPS[num_steps], dtype=torch.float64) / 1000
     return (1000 * shift_sigma(s_raw, shift)).float().tolist()
 
 
@@ -660,6 +666,8 @@ def pick_device(name="auto"):
     if (device.type == "cuda" and not torch.cuda.is_available()) or (device.type == "mps" and not mps):
         raise ConfigError(f"--device {name}: this PyTorch sees no {device.type.upper()} device here; use --device cpu "
                           f"(or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return device
 
 

@@ -35,8 +35,8 @@ import torch
 from tqdm import tqdm
 
 import toy_data
-from model import (ConfigError, KVCache, check_preset, add_noise, euler_step, load_checkpoint, model_from_checkpoint, pick_device,
-                   run_main, timestep_grid, warped_steps, x0_from_v)
+from model import (ConfigError, KVCache, add_noise, check_num_steps, check_preset, euler_step, load_checkpoint,
+                   model_from_checkpoint, pick_device, run_main, timestep_grid, warped_steps, x0_from_v)
 
 
 def ode_grid(model, num_steps):
@@ -684,8 +684,8 @@ def check_flags(parser, args):
         raise ConfigError(f"--fps {args.fps:g}: the playback rate must be positive")
     if args.model:
         check_preset(args.model)
-    if args.steps not in (0, 1, 2, 4):
-        raise ConfigError(f"--steps must be 1, 2 or 4 (got {args.steps})")
+    if args.steps:  # 0: the checkpoint's own
+        check_num_steps(args.steps, "--steps")
     out_dir = os.path.dirname(args.out) or "."
     if os.path.isdir(args.out) or (os.path.exists(out_dir) and not os.path.isdir(out_dir)):
         raise ConfigError(f"--out {args.out}: " + ("a folder" if os.path.isdir(args.out) else f"{out_dir} is a file")

@@ -28,7 +28,7 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from model import (ConfigError, DiT, PRESETS, RMSNorm, check_preset, WeightsMismatchError, autocast, describe_mismatch,
+from model import (PRESETS, ConfigError, DiT, RMSNorm, WeightsMismatchError, autocast, check_preset, describe_mismatch,
                    pick_device, rope_cos_sin, run_main, warped_steps)
 from sample_stream import _sync, fast_mode, timed_stream
 

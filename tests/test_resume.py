@@ -364,6 +364,10 @@ def test_a_gpu_this_machine_lacks_is_refused_before_any_work(monkeypatch, capsys
     assert stop.value.code == 2
     assert capsys.readouterr().err == "error: --device cuda: this PyTorch sees no CUDA device here; use --device cpu (or auto)\n"
     assert M.pick_device("auto").type in ("cpu", "mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(M.ConfigError, match=r"--device cuda:3: this machine has 1 CUDA device\(s\), numbered from 0"):
+        M.pick_device("cuda:3")
 
 
 def test_every_stages_defaults_are_in_range_and_every_checked_option_exists():
