@@ -221,6 +221,20 @@ class LatentFolder:
         return torch.stack(txt), self.negative.expand(n, -1, -1).clone(), None, None
 
 
+# The values the stage configs' numeric options may take, by name: ScaleOptions checks each option a stage config has, so a
+# bad number ends in one line before any work (not in a ZeroDivisionError, nor in a "finished" run of nothing).
+OPTION_RANGES = [
+    (("steps", "base_steps", "ar_steps", "world_steps", "world_ar_steps", "gen_updates", "batch_size",
+      "frames_per_block", "ckpt_every", "eval_every", "eval_clips", "eval_steps", "num_pairs", "critic_ratio",
+      "table_seeds"), lambda v: v >= 1, "at least 1"),
+    (("lr", "lr_critic", "shift", "grad_clip"), lambda v: v > 0, "positive"),
+    (("warmup", "weight_decay", "guidance", "real_guidance", "clip_frames", "memory_cap_gib", "gpus", "critic_warmup",
+      "ema_start", "unseen_pairs"), lambda v: v >= 0, "at least 0"),
+    (("ema_decay", "prompt_dropout"), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    (("min_t", "max_t"), lambda v: 0 <= v <= 1000, "between 0 and 1000"),
+]
+
+
 @dataclass
 class ScaleOptions:
     """Options every stage script shares for Wan scale (README, "Wan scale"); each script's Config extends it.
@@ -243,6 +257,10 @@ class ScaleOptions:
     # trains and samples with per-frame actions; its checkpoints live in checkpoints/world/ unless --out-dir says
 
     def __post_init__(self):  # checked when the flags are read, so a --dry-run checks them too
+        for names, allowed, in_words in OPTION_RANGES:
+            for name in names:
+                if hasattr(self, name) and not allowed(getattr(self, name)):
+                    raise ConfigError(f"--{name.replace('_', '-')} must be {in_words} (got {getattr(self, name)})")
         check_preset(self.model)
         if self.param_dtype not in DTYPES:
             raise ConfigError(f"--param-dtype must be one of {sorted(DTYPES)} (got {self.param_dtype!r})")
@@ -256,7 +274,7 @@ class ScaleOptions:
         if self.data == "toy":  # (a latent folder's clip length is checked when the folder is opened)
             import toy_data
             fpb = getattr(self, "frames_per_block", 1)
-            if fpb < 1 or toy_data.FRAMES % fpb:
+            if toy_data.FRAMES % fpb:
                 raise ConfigError(f"--frames-per-block {fpb} must divide the {toy_data.FRAMES} frames of a toy clip")
         if self.actions and getattr(self, "out_dir", None) == "checkpoints":  # the world model's checkpoints keep
             self.out_dir = WORLD_DIR  # their own folder, under the same file names

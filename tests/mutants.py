@@ -191,7 +191,7 @@ MUTANTS = [
            "w = torch.softmax(-d2 / (2 * s[b] ** 2), 0)  # (K, F)",
            "w = torch.softmax(-d2.sum(1, keepdim=True) / (2 * s[b] ** 2), 0).expand_as(d2)  # (K, F)",
            ["tests/test_toy_data.py"]),
-    Mutant("option_ranges_not_checked", "model.py", "if hasattr(cfg, name) and not allowed(getattr(cfg, name)):",
+    Mutant("option_ranges_not_checked", "wan_scale.py", "if hasattr(self, name) and not allowed(getattr(self, name)):",
            "if False:", ["tests/test_resume.py"]),
     Mutant("stream_negative_sink_accepted", "sample_stream.py", "    if args.sink < 0:", "    if False:",
            ["tests/test_stage3.py"]),

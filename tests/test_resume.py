@@ -14,6 +14,7 @@ import dmd
 import model as M
 import ode_init
 import toy_data
+import wan_scale
 from test_ar_teacher import tiny_run
 
 TINY = M.ModelConfig(**{**M.PRESETS["toy"].__dict__, "dim": 32, "ffn_dim": 64, "num_heads": 2, "num_layers": 2})
@@ -376,7 +377,7 @@ def test_every_stages_defaults_are_in_range_and_every_checked_option_exists():
         for argv in ([], ["--actions"]):
             assert M.parse_config(stage.Config, argv) == stage.Config(actions=bool(argv))
     fields = {f.name for stage in (ar_teacher, ode_init, causal_cd, dmd) for f in dataclasses.fields(stage.Config)}
-    assert {name for names, _, _ in M.OPTION_RANGES for name in names} <= fields  # a misspelt name checks nothing
+    assert {name for names, _, _ in wan_scale.OPTION_RANGES for name in names} <= fields  # a misspelt name checks nothing
 
 
 def test_help_shows_each_flag_with_its_dataclass_comment_and_default(capsys):
