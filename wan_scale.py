@@ -262,10 +262,7 @@ class ScaleOptions:
                 if hasattr(self, name) and not allowed(getattr(self, name)):
                     raise ConfigError(f"--{name.replace('_', '-')} must be {in_words} (got {getattr(self, name)})")
         check_preset(self.model)
-        if self.param_dtype not in DTYPES:
-            raise ConfigError(f"--param-dtype must be one of {sorted(DTYPES)} (got {self.param_dtype!r})")
-        if self.optimizer not in ("adamw", "lean"):
-            raise ConfigError(f"--optimizer must be 'adamw' or 'lean' (got {self.optimizer!r})")
+        check_memory_options(self.optimizer, self.param_dtype)
         if os.path.isfile(getattr(self, "out_dir", "")):
             raise ConfigError(f"--out-dir {self.out_dir} is a file; give the folder checkpoints go to")
         if self.data != "toy" and not parse_clip_size(self.data) and not os.path.isdir(self.data):  # before weights load
@@ -657,13 +654,20 @@ class LeanAdamW(torch.optim.Optimizer):
                 p.copy_(stochastic_round_bf16(w) if p.dtype == torch.bfloat16 else w)
 
 
+def check_memory_options(optimizer="adamw", param_dtype="float32"):
+    """--optimizer and --param-dtype: ScaleOptions checks them when the flags are read, the functions using them too."""
+    if optimizer not in ("adamw", "lean"):
+        raise ConfigError(f"--optimizer must be 'adamw' or 'lean' (got {optimizer!r})")
+    if param_dtype not in DTYPES:
+        raise ConfigError(f"--param-dtype must be one of {sorted(DTYPES)} (got {param_dtype!r})")
+
+
 def make_optimizer(params, name, lr, betas, weight_decay):
     """'adamw': torch AdamW (its states take the parameters' dtype). 'lean': LeanAdamW."""
+    check_memory_options(optimizer=name)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    if name == "lean":
-        return LeanAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
-    raise ConfigError(f"--optimizer must be 'adamw' or 'lean' (got {name!r})")
+    return LeanAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -673,8 +677,7 @@ def prepare(model, param_dtype="float32", grad_checkpointing=False):
     """Apply a script's memory options to a model: weight dtype and gradient checkpointing. With bfloat16 the
     matrices (Linear, Conv3d) and the q/k RMSNorm scales become bf16; the LayerNorm of the float32 residual
     stream and the modulation vectors (added to float32 time embeddings) stay float32: ~0.1% of the weights."""
-    if param_dtype not in DTYPES:
-        raise ConfigError(f"--param-dtype must be one of {sorted(DTYPES)} (got {param_dtype!r})")
+    check_memory_options(param_dtype=param_dtype)
     model.gradient_checkpointing = grad_checkpointing
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Conv3d, RMSNorm)):
