@@ -349,7 +349,8 @@ def test_flags_that_contradict_each_other_are_refused_before_any_work(tmp_path):
                                                                                        "ablation of the bidirectional"),
         (dmd.train, dmd, ["--dry-run", "--real-score", "exact"], "CFG would push past it: add --real-guidance 1"),
         (dmd.train, dmd, ["--dry-run", "--init", "nope"], "--init must be one of"),  # the dry run checks them too
-        (dmd.table, dmd, ["--table", "--init", "causal_ode"], "--init / --num-steps pick one DMD run"),
+        (dmd.table, dmd, ["--table", "--init", "causal_ode", "--table-steps", "3"],  # a broken check: the next one fires
+         "--init / --num-steps pick one DMD run"),
         (ar_teacher.train, ar_teacher, ["--dry-run", "--phase", "base", "--diffusion-forcing"], "an ablation of the AR"),
         (ar_teacher.train, ar_teacher, ["--dry-run", "--phase", "ar", "--plain-base", "x.pt"], "it needs --phase base"),
     ]:  # --dry-run: a check that broke would print a plan and fail here, not start a training run
