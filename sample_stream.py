@@ -640,11 +640,12 @@ def key_presses():
     return q, restore
 
 
-def read_action_script(spec, n_frames):
-    """--actions: a string or a file of comma- or line-separated actions -> (n_frames,) long, checked."""
+def read_action_script(spec, n_frames=None):
+    """--actions: a string or a file of comma- or line-separated actions -> (n_frames,) long (None: all), checked."""
     try:
         text = open(spec).read().replace("\n", ",") if os.path.isfile(spec) else spec
-        return toy_data.parse_actions(",".join(a for a in text.split(",") if a.strip()), n_frames)
+        actions = ",".join(a for a in text.split(",") if a.strip())
+        return toy_data.parse_actions(actions, len(actions.split(",")) if n_frames is None else n_frames)
     except UnicodeDecodeError:
         raise ConfigError(f"--actions {spec} is not a text file of actions") from None
     except ValueError as err:
@@ -682,6 +683,8 @@ def check_flags(parser, args):
         raise ConfigError(f"--sink {args.sink}: the first frames a rolling cache keeps forever, 0 or more")
     if args.fps <= 0:
         raise ConfigError(f"--fps {args.fps:g}: the playback rate must be positive")
+    if not 0 <= args.seed < 2 ** 32:
+        raise ConfigError(f"--seed must be between 0 and 2^32 - 1 (got {args.seed})")
     if args.model:
         check_preset(args.model)
     if args.steps:  # 0: the checkpoint's own
@@ -724,8 +727,11 @@ def main(argv=None):
     if args.interactive and args.frames is None and model.cfg.num_actions and not sys.stdin.isatty():
         raise ConfigError("--interactive steers a world model from the keyboard; from a pipe or file, whose end does "
                           "not stop it, give the stream a length (--frames N), or use --actions")  # typed prompts end
-    if args.frames is None:
-        args.frames = 10 ** 9 if args.interactive else 48
+    script_len = len(read_action_script(args.actions)) if args.actions and model.cfg.num_actions else None
+    if args.frames is None:  # a recorded action script, given alone, sets the stream's length (whole blocks)
+        args.frames = 10 ** 9 if args.interactive else (script_len - script_len % fpb if script_len else 48)
+    elif script_len and script_len > args.frames:
+        print(f"--actions: the script has {script_len} actions; --frames {args.frames} streams the first {args.frames}")
     n_frames = args.frames
     if args.frames < 1:
         raise ConfigError(f"--frames {args.frames}: generate at least one frame")

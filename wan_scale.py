@@ -232,6 +232,8 @@ OPTION_RANGES = [
       "ema_start", "unseen_pairs"), lambda v: v >= 0, "at least 0"),
     (("ema_decay", "prompt_dropout"), lambda v: 0 <= v <= 1, "between 0 and 1"),
     (("min_t", "max_t"), lambda v: 0 <= v <= 1000, "between 0 and 1000"),
+    (("seed",), lambda v: 0 <= v < 2 ** 32, "between 0 and 2^32 - 1"),  # torch's generators take 64 bits; the
+    # stages add small offsets to the seed, and 32 bits is the range numpy and most tools accept
 ]
 
 

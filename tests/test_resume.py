@@ -334,6 +334,7 @@ def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
     (causal_cd, ["--out-dir", os.path.abspath(__file__)], f"--out-dir {os.path.abspath(__file__)} is a file; give the "
                                                           f"folder checkpoints go to"),
     (ar_teacher, ["--model", "nope"], "--model 'nope' is not a preset: use one of wan2.1-1.3b, wan2.1-14b, toy, wan-tiny"),
+    (dmd, ["--seed", str(10 ** 20)], f"--seed must be between 0 and 2^32 - 1 (got {10 ** 20})"),  # was an overflow
 ])
 def test_a_bad_flag_value_is_one_line_and_exit_2_while_the_flags_are_read(stage, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:

@@ -152,6 +152,13 @@ def test_scripted_streams_are_deterministic_and_follow_the_script(world_ckpt, tm
     assert torch.equal(other[:, :4], first[:, :4]) and not torch.equal(other[:, 4:], first[:, 4:])
     (tmp_path / "keys.txt").write_text(script.replace(",", "\n") + "\n")
     assert torch.equal(run(str(tmp_path / "keys.txt")), first)  # a file of one action per line: the same stream
+    alone = S.main(["--ckpt", world_ckpt, "--actions", script, "--out", str(tmp_path / "s.gif")])
+    assert torch.equal(alone, first)  # without --frames the script sets the stream's length
+
+
+def test_a_script_longer_than_the_stream_is_cut_with_a_word(world_ckpt, tmp_path, capsys):
+    S.main(["--ckpt", world_ckpt, "--frames", "4", "--actions", ",".join(["stay"] * 6), "--out", str(tmp_path / "s.gif")])
+    assert "the script has 6 actions; --frames 4 streams the first 4" in capsys.readouterr().out
 
 
 def test_world_model_bad_input(world_ckpt, tmp_path, capsys, monkeypatch):
