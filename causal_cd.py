@@ -93,8 +93,9 @@ def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per
 
 def ensure_teachers(cfg):
     """--toy: build the checkpoints this stage needs, in order, if they are missing (saying so)."""
-    base = ar_teacher.Config(phase="base", out_dir=cfg.out_dir, actions=cfg.actions)
-    ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, out_dir=cfg.out_dir, actions=cfg.actions)
+    same = dict(out_dir=cfg.out_dir, actions=cfg.actions, device=cfg.device)  # teachers keep their own seed (0)
+    base = ar_teacher.Config(phase="base", **same)
+    ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, **same)
     for tcfg in (base, ar):
         if ar_teacher.find_teacher(tcfg) is None:  # neither trained here nor shipped in pretrained/
             print(f"{ar_teacher.checkpoint_path(tcfg)} is missing: training it now ({ar_teacher.make_command(tcfg)})")
@@ -141,7 +142,7 @@ def train(cfg):
     pbar = tqdm(total=cfg.steps, initial=step, desc="causal CD", dynamic_ncols=True, disable=part.rank > 0)
     while step < cfg.steps:
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))  # --warmup 0: none
         x0, ctx, null, _, actions = map(part, data.batch(cfg.batch_size, generator=data_gen))  # torchrun: own rows
         ctx, null = ctx.to(device), null.to(device)
         with autocast(device, student):

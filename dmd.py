@@ -406,10 +406,11 @@ TABLE_MD = "dmd_table.md"
 def ensure_stage2(cfg, inits=INITS):
     """--table: make whichever stage-2 checkpoint of `inits` is missing (teachers come from checkpoints/ or
     pretrained/)."""
-    todo = [("causal_cd", causal_cd.checkpoint_path(causal_cd.Config(out_dir=cfg.out_dir)),
-             lambda: causal_cd.train(causal_cd.Config(toy=True, out_dir=cfg.out_dir)))]
+    same = dict(out_dir=cfg.out_dir, frames_per_block=cfg.frames_per_block, device=cfg.device)  # stage 2: seed 0
+    ccfg = causal_cd.Config(toy=True, **same)
+    todo = [("causal_cd", causal_cd.checkpoint_path(ccfg), lambda: causal_cd.train(ccfg))]
     for teacher in ("ar", "bidirectional"):
-        ocfg = ode_init.Config(teacher=teacher, out_dir=cfg.out_dir)
+        ocfg = ode_init.Config(teacher=teacher, **same)
         todo.append((ode_init.stage_name(teacher), ode_init.student_path(ocfg), lambda c=ocfg: ode_init.train(c)))
     for name, path, make in (t for t in todo if t[0] in inits):
         if not os.path.exists(path):

@@ -336,7 +336,7 @@ def train(cfg):
 
     pbar = tqdm(total=cfg.steps, initial=step, desc=name, dynamic_ncols=True, disable=part.rank > 0)
     while step < cfg.steps:
-        frac = min(1.0, (step + 1) / cfg.warmup)
+        frac = min(1.0, (step + 1) / max(1, cfg.warmup))  # --warmup 0: none
         for group in opt.param_groups:
             group["lr"] = cfg.lr * frac
         idx = part(torch.randint(0, len(pairs["x0"]), (cfg.batch_size,), generator=gen))  # torchrun: own rows

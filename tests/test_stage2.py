@@ -213,7 +213,7 @@ def test_ode_loss_with_every_block_clean_is_zero_not_nan():
 # --- scripts ---------------------------------------------------------------------------------------------------
 
 def stage2_run(tmp_path, **kw):
-    return ode_init.Config(**{**dict(num_pairs=8, steps=2, batch_size=4, warmup=1, eval_clips=9, ckpt_every=1,
+    return ode_init.Config(**{**dict(num_pairs=8, steps=2, batch_size=4, warmup=0, eval_clips=9, ckpt_every=1,
                                      unseen_pairs=4, out_dir=str(tmp_path)), **kw})
 
 
@@ -248,8 +248,8 @@ def test_smoke_ode_init_both_teachers_and_pair_mismatch(tiny_teachers):
 
 
 def test_smoke_causal_cd_and_wrong_stage(tiny_teachers):
-    metrics = causal_cd.train(causal_cd.Config(steps=2, batch_size=4, warmup=1, eval_clips=9, ckpt_every=1,
-                                               out_dir=str(tiny_teachers)))
+    metrics = causal_cd.train(causal_cd.Config(steps=2, batch_size=4, warmup=0, eval_clips=9, ckpt_every=1,
+                                               out_dir=str(tiny_teachers)))  # --warmup 0: no warm-up
     assert set(metrics) == {1, 2, 4} and 0 <= metrics[4]["prompt_acc"] <= 1
     student, ckpt = causal_cd.load_student(str(tiny_teachers))
     assert ckpt["stage"] == "causal_cd" and ckpt["step"] == 2

@@ -370,3 +370,20 @@ def test_table_markdown_gives_mean_and_sd_over_seeds_and_a_dash_for_a_number_a_r
     assert cells[keys.index("own_off_rigid") + 5] == "-" and cells[-2] == "3.0 min" and cells[4] == "2"
     assert [c.strip() for c in before_line.split("|")][keys.index("own_off_rigid") + 5] == "50.0%"
     assert [c.strip() for c in real_line.split("|")][keys.index("fd") + 5] == "0.4"
+
+
+def test_checkpoints_made_on_the_way_keep_the_callers_block_size_and_device(tmp_path, monkeypatch):
+    """dmd.py --table makes missing stage-2 students, causal_cd.py --toy missing teachers: with the caller's
+    --frames-per-block (else a chunk-wise table trains frame-wise students it then cannot find) and --device."""
+    import ar_teacher
+    import ode_init
+    made = []
+    monkeypatch.setattr(causal_cd, "train", lambda c: made.append(("cd", c.frames_per_block, c.device)))
+    monkeypatch.setattr(ode_init, "train", lambda c: made.append((c.teacher, c.frames_per_block, c.device)))
+    dmd.ensure_stage2(dmd.Config(table=True, frames_per_block=3, device="cpu", out_dir=str(tmp_path)))
+    assert sorted(made) == [("ar", 3, "cpu"), ("bidirectional", 3, "cpu"), ("cd", 3, "cpu")]
+    made.clear()
+    monkeypatch.setattr(ar_teacher, "find_teacher", lambda c: None)
+    monkeypatch.setattr(ar_teacher, "train", lambda c: made.append((c.phase, c.frames_per_block, c.device)))
+    causal_cd.ensure_teachers(causal_cd.Config(toy=True, frames_per_block=3, device="cpu", out_dir=str(tmp_path)))
+    assert made == [("base", 1, "cpu"), ("ar", 3, "cpu")]
