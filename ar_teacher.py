@@ -122,13 +122,24 @@ def make_command(cfg):
 def find_teacher(cfg):
     """The teacher checkpoint a later stage should read: the run's own, else (for the default out_dir) the one
     shipped in pretrained/ (pretrained/world/ for the world model), else None."""
-    path = checkpoint_path(cfg)
-    shipped = os.path.join(SHIPPED_DIR, "world" if cfg.actions else "", os.path.basename(path))
+    path, shipped = checkpoint_path(cfg), shipped_path(cfg)
     if os.path.exists(path):
         return path
     if cfg.out_dir == (WORLD_DIR if cfg.actions else Config.out_dir) and os.path.exists(shipped):
         return shipped
     return None
+
+
+def shipped_path(cfg):
+    """Where pretrained/ keeps this teacher (it may not ship one)."""
+    return os.path.join(SHIPPED_DIR, "world" if cfg.actions else "", os.path.basename(checkpoint_path(cfg)))
+
+
+def remake_hint(cfg):
+    """The command that makes a missing teacher, and, for another --out-dir than the default, the shipped copy."""
+    shipped = shipped_path(cfg)
+    return make_command(cfg) + (f"\n    or start from the shipped one (pretrained/ serves only the default --out-dir): "
+                                f"cp {shipped} {cfg.out_dir}/" if os.path.exists(shipped) else "")
 
 
 def load_teacher(out_dir="checkpoints", phase="ar", frames_per_block=1, diffusion_forcing=False, device="cpu",
@@ -140,7 +151,7 @@ def load_teacher(out_dir="checkpoints", phase="ar", frames_per_block=1, diffusio
     path = find_teacher(cfg) or checkpoint_path(cfg)
     if path.startswith(SHIPPED_DIR):
         print(f"using the shipped teacher {path} (regenerate it with: {make_command(cfg)} --ship)")
-    ckpt = load_checkpoint(path, stage="base" if phase == "base" else "ar_teacher", make_cmd=make_command(cfg))
+    ckpt = load_checkpoint(path, stage="base" if phase == "base" else "ar_teacher", make_cmd=remake_hint(cfg))
     check_actions(actions, ModelConfig(**ckpt["model_config"]))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
 

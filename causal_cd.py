@@ -98,7 +98,10 @@ def ensure_teachers(cfg):
     ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, **same)
     for tcfg in (base, ar):
         if ar_teacher.find_teacher(tcfg) is None:  # neither trained here nor shipped in pretrained/
-            print(f"{ar_teacher.checkpoint_path(tcfg)} is missing: training it now ({ar_teacher.make_command(tcfg)})")
+            shipped = ar_teacher.shipped_path(tcfg)  # pretrained/ serves only the default --out-dir
+            print(f"{ar_teacher.checkpoint_path(tcfg)} is missing: training it now ({ar_teacher.make_command(tcfg)})"
+                  + (f"; Ctrl-C and cp {shipped} {cfg.out_dir}/ starts from the shipped one" if os.path.exists(shipped)
+                     else ""))
             ar_teacher.train(tcfg)
 
 

@@ -28,6 +28,7 @@ World model (a checkpoint of the stages run with --actions, checkpoints/world/):
         --actions down-right,down-right,down-right,up-right,up-right,up-right,stay,stay,up-left,up-left,up-left,up-left
 """
 import os
+import re
 import sys
 import time
 
@@ -465,9 +466,28 @@ def stream_speed(model, num_steps, frames_per_block=1, frames=toy_data.FRAMES, f
 DISTILLED = ("causal_cd", "causal_ode", "bidirectional_ode", "dmd")  # checkpoints the few-step sampler can run
 
 
+def remake_command(path):
+    """The command that makes the distilled checkpoint `path`, read from the stages' file names (dmd_INIT_Nstep,
+    causal_cd, causal_ode, bidirectional_ode; _fpbK, _seedS, _exact; checkpoints/world/ for the world model)."""
+    name, folder = os.path.basename(path).removesuffix(".pt"), os.path.normpath(os.path.dirname(path) or ".")
+    world = os.path.basename(folder) == "world"
+    fpb, seed = re.search(r"_fpb(\d+)", name), re.search(r"_seed(\d+)", name)
+    flags = (f" --frames-per-block {fpb[1]}" if fpb else "") + (f" --seed {seed[1]}" if seed else "") + (
+        " --actions" if world else "") + (
+        "" if folder == os.path.normpath(os.path.join("checkpoints", "world" if world else "")) else f" --out-dir {folder}")
+    dmd = re.match(r"dmd_(\w+?)_(\d+)step", name)
+    if dmd:
+        return f"python dmd.py --init {dmd[1]} --num-steps {dmd[2]}" + flags
+    if name.startswith(("causal_ode", "bidirectional_ode")):
+        return (f"python ode_init.py --teacher {'ar' if name.startswith('causal') else 'bidirectional'}"
+                + (" --exact-teacher" if "_exact" in name else "") + (" --noisy-prefix" if "_noisy_prefix" in name else "")
+                + flags)
+    return "python causal_cd.py --toy" + flags
+
+
 def load_streamable(path, world_ok=True):
     """A distilled causal model from any stage-2/3 checkpoint; anything else is refused before any work."""
-    ckpt = load_checkpoint(path, make_cmd="python causal_cd.py --toy")
+    ckpt = load_checkpoint(path, make_cmd=remake_command(path))
     stage = ckpt.get("stage")
     if stage not in DISTILLED:
         hint = {"base": "it is the bidirectional base (stage 0), which cannot stream",

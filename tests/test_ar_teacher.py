@@ -233,7 +233,8 @@ def test_ship_writes_small_strict_loadable_teacher_and_later_stages_fall_back_to
     for k, v in full["ema"].items():
         assert torch.allclose(teacher.state_dict()[k], v, atol=1e-3, rtol=1e-3), k
     # a non-default out_dir never falls back: it must hold its own teacher
-    with pytest.raises(FileNotFoundError, match="python ar_teacher.py --phase base --out-dir elsewhere"):
+    with pytest.raises(FileNotFoundError, match=r"python ar_teacher.py --phase base --out-dir elsewhere\n.*or start from "
+                                                r"the shipped one .*: cp pretrained/base.pt elsewhere/"):
         ar_teacher.load_teacher("elsewhere", phase="base")
 
 
