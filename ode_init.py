@@ -154,7 +154,7 @@ def pair_metadata(cfg, teacher_ckpt):
     """What a pair file must agree on with the run that reads it."""
     return dict(teacher=cfg.teacher, frames_per_block=cfg.frames_per_block, guidance=cfg.guidance,
                 teacher_step=teacher_ckpt["step"], teacher_stage=teacher_ckpt["stage"], exact=cfg.exact_teacher,
-                model_config=teacher_ckpt["model_config"], stored=STORED)
+                model_config=teacher_ckpt["model_config"], stored=STORED, seed=cfg.seed, num_pairs=cfg.num_pairs)
 
 
 def trajectories(cfg, teacher, n, g, device, part=Part(), what="ODE pairs", exclude=None):
@@ -199,9 +199,10 @@ def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
     meta = pair_metadata(cfg, teacher_ckpt)
     if os.path.exists(path):
         pairs = torch.load(path, map_location="cpu", weights_only=False)
-        differ = {k: (pairs["meta"].get(k), v) for k, v in meta.items() if pairs["meta"].get(k) != v}
-        if differ or len(pairs["x0"]) < cfg.num_pairs:
-            raise ConfigError(f"{path} was made for another setup (saved, now): {differ or 'fewer pairs'}; "
+        saved = {"seed": cfg.seed, "num_pairs": len(pairs["x0"]), **pairs["meta"]}  # a file older than these keys
+        differ = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
+        if differ:  # (its --seed draws other clips and noise; --num-pairs another set, not a slice of this one)
+            raise ConfigError(f"{path} was made for another setup (saved, now): {differ}; "
                              f"delete it to regenerate, or use another --out-dir")
         print(f"loaded {len(pairs['x0'])} ODE pairs from {path}")
         pairs["loaded"] = True  # made by an earlier run: this run's time does not include them
