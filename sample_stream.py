@@ -902,9 +902,9 @@ def switch_bench(args, seeds=(0, 1, 2)):
               + (f", re-cache latency at batch 1 {cell('recache_s')} s" if recache else ""))
 
 
-def bench(args):
+def bench(args, n_clips=36, long=96):
     """The speed table (issue: faster than real time, cache vs recompute at 8/32/128 frames, first-frame
-    latency of frame-wise 2-step vs chunk-wise 4-step) and the long-stream drift check."""
+    latency of frame-wise 2-step vs chunk-wise 4-step) and the long-stream drift check (n_clips x long frames)."""
     device = pick_device(args.device)
     model, ckpt = load_streamable(args.ckpt, world_ok=False)
     model = model.to(device)
@@ -934,14 +934,14 @@ def bench(args):
             print(f"{path or 'eager':8s} first frame {1000 * s['first_frame_s']:.1f} ms, {1000 * s['per_frame_s']:.2f} "
                   f"ms/frame, {s['fps']:.0f} frames/s" + (f" ({s['fps'] / eager_fps:.2f}x eager)" if path else ""))
     # drift: metrics of the first and the last 6 frames of long streams, per cache setting
-    n_clips, long = 36, 96
     prompts = [toy_data.PROMPTS[i % len(toy_data.PROMPTS)] for i in range(n_clips)]
     ctx = toy_data.TextEncoder()(prompts).to(device)
     fpb = ckpt["config"].get("frames_per_block", 1)
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
     steps = warped_steps(n_steps, model.cfg.shift)
     print(f"\nlong streams: {n_clips} clips x {long} frames, {n_steps}-step; metrics of frames 0-5 vs the last 6")
-    for window, sink in ((None, 0), (5, 0), (5, 1), (2, 0)):
+    w = default_window(fpb)  # whole blocks: frame-wise 5, 5 + a sink of 1, and 2 frames; chunk-wise 6, 6 + 3, 3
+    for window, sink in ((None, 0), (w, 0), (w, fpb), (max(2, fpb), 0)):
         stream = Stream(model, steps, fpb, None, window, sink, max_frames=long,
                         generator=torch.Generator().manual_seed(0))
         stream.set_prompt(ctx)

@@ -392,3 +392,15 @@ def test_checkpoints_made_on_the_way_keep_the_callers_block_size_and_device(tmp_
     monkeypatch.setattr(ar_teacher, "train", lambda c: made.append((c.phase, c.frames_per_block, c.device)))
     causal_cd.ensure_teachers(causal_cd.Config(toy=True, frames_per_block=3, device="cpu", out_dir=str(tmp_path)))
     assert made == [("base", 1, "cpu"), ("ar", 3, "cpu")]
+
+
+def test_bench_drift_check_runs_a_chunkwise_checkpoint(streamable, monkeypatch, capsys):
+    """--bench's long-stream part uses rolling windows of whole blocks (it ended in a traceback for chunk-wise)."""
+    paths, _ = streamable
+    monkeypatch.setattr(S, "stream_speed", lambda *a, **k: dict.fromkeys(
+        ("first_frame_s", "per_frame_s", "fps", "fps_recompute", "cache_speedup"), 1.0))  # the timings: not tested here
+    S.bench(S.build_parser().parse_args(["--ckpt", paths[3], "--bench"]), n_clips=2, long=12)
+    out = capsys.readouterr().out
+    rows = [line.split("|")[0].split() for line in out.splitlines() if " | blur" in line]
+    assert [" ".join(r) for r in rows[::2]] == ["full cache first", "window 6, sink 0 first", "window 6, sink 3 first",
+                                                "window 3, sink 0 first"]
