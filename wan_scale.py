@@ -251,7 +251,7 @@ class ScaleOptions:
     dry_run: bool = False  # print this stage's planned peak memory (nothing is allocated) and exit; with
     # --data may also be a latent clip size FxHxW, e.g. 21x60x104 (81 frames of 480x832): the plan for that size,
     # or, in a run, synthetic random latents of that size (with --init-weights random: memory / speed measurement)
-    clip_frames: int = 0  # train on the first N latent frames of each clip of a latent folder (0 = all): 9 of the
+    clip_frames: int = 0  # train on the first N latent frames of each clip of a latent folder or FxHxW size (0 = all): 9 of the
     # 21 of an 81-frame 480x832 clip fit stages 1-3 in 24 GiB (README, "Wan scale")
     memory_cap_gib: float = 24.0  # GPU memory this process may use (0 = all) and the plan is checked against
     gpus: int = 0  # --dry-run: plan one GPU of a torchrun run on N GPUs (0: torchrun's WORLD_SIZE, else 1)
@@ -517,8 +517,9 @@ def open_data(spec, model_cfg, clip_frames=0, actions=False):
     or "FxHxW" (SyntheticLatents). All answer batch(n, generator) -> (x0, text, null text, prompts, actions) and
     texts(n, generator) -> (text, null text, prompts, actions); actions is None except in the toy world model."""
     check_actions(actions, model_cfg, spec)
-    if clip_frames and (spec == "toy" or parse_clip_size(spec)):
-        raise ConfigError(f"--clip-frames crops the clips of a latent folder; --data {spec} sets its frames itself")
+    if clip_frames and spec == "toy":
+        raise ConfigError("--clip-frames crops the clips of a latent folder (or an FxHxW size); the toy's clips are 6 "
+                          "frames")
     if spec == "toy":
         if model_cfg.in_dim != 3:
             raise ConfigError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "
@@ -531,8 +532,8 @@ def open_data(spec, model_cfg, clip_frames=0, actions=False):
                          f"at Wan scale into that --out-dir first, from stage 1: python ar_teacher.py --phase ar --model "
                          f"wan2.1-1.3b --init-weights <Wan2.1 folder> --data {spec}")
     size = parse_clip_size(spec)
-    if size:
-        return SyntheticLatents(size, model_cfg)
+    if size:  # --clip-frames N: the first N latent frames of clips of that size, as for a folder
+        return SyntheticLatents((min(size[0], clip_frames or size[0]), *size[1:]), model_cfg)
     return LatentFolder(spec, in_dim=model_cfg.in_dim, text_dim=model_cfg.text_dim, text_len=model_cfg.text_len,
                         frames=clip_frames or None)
 
@@ -766,8 +767,9 @@ def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
     if opts.data == "toy":
         import toy_data
         frames, H, W = toy_data.ToyData.shape
-    elif parse_clip_size(opts.data):  # --data FxHxW
+    elif parse_clip_size(opts.data):  # --data FxHxW (its first --clip-frames frames)
         frames, H, W = parse_clip_size(opts.data)
+        frames = min(frames, opts.clip_frames or frames)
     else:
         frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len, opts.clip_frames or None).shape
     act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"

@@ -299,9 +299,13 @@ def test_clip_frames_crops_a_latent_folder_for_training_and_planning(wan_tiny, c
     assert data.shape == (2, 4, 8) and data.batch(1)[0].shape == (1, 2, 16, 4, 8)
     with pytest.raises(ValueError, match="fewer than the 5 a clip needs"):
         WS.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=5)
+    assert WS.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=2).shape == (2, 4, 8)  # synthetic: cropped too
     with pytest.raises(ValueError, match="--clip-frames crops the clips of a latent folder"):
-        WS.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=2)
+        WS.open_data("toy", M.PRESETS["toy"], clip_frames=2)
     import causal_cd
     causal_cd.train(M.parse_config(causal_cd.Config, ["--dry-run", "--model", "wan2.1-1.3b", "--batch-size", "1",
                                                       "--data", str(wan_tiny / "latents"), "--clip-frames", "2"]))
     assert "clips of 2 x 4 x 8" in capsys.readouterr().out
+    causal_cd.train(M.parse_config(causal_cd.Config, ["--dry-run", "--model", "wan2.1-1.3b", "--batch-size", "1",
+                                                      "--data", "21x60x104", "--clip-frames", "9"]))  # a planned size
+    assert "clips of 9 x 60 x 104" in capsys.readouterr().out
