@@ -669,7 +669,7 @@ def read_action_script(spec, n_frames=None):
     except UnicodeDecodeError:
         raise ConfigError(f"--actions {spec} is not a text file of actions") from None
     except ValueError as err:
-        looks_like_a_file = "," not in spec and ("/" in spec or "." in spec)
+        looks_like_a_file = "," not in spec and ("/" in spec or "." in spec) and not os.path.isfile(spec)
         raise ConfigError(f"--actions: {err}" + (f" (and no file {spec} exists)" if looks_like_a_file else "")) from None
 
 

@@ -167,6 +167,11 @@ def test_world_model_bad_input(world_ckpt, tmp_path, capsys, monkeypatch):
         S.main(["--ckpt", world_ckpt, "--frames", "4", *out])
     with pytest.raises(ConfigError, match="unknown action 'left'; the actions are up-left"):
         S.main(["--ckpt", world_ckpt, "--frames", "4", "--actions", "up-left,left,stay,stay", *out])
+    (tmp_path / "notes.txt").write_text("turn left\n")
+    with pytest.raises(ConfigError, match=r"unknown action 'turn left'; the actions are .*\(or their indices 0-4\)$"):
+        S.main(["--ckpt", world_ckpt, "--frames", "4", "--actions", str(tmp_path / "notes.txt"), *out])  # a file
+    with pytest.raises(ConfigError, match=r"\(and no file keys.txt exists\)"):
+        S.main(["--ckpt", world_ckpt, "--frames", "4", "--actions", "keys.txt", *out])  # a file that is not there
     with pytest.raises(ConfigError, match="has 2 actions, fewer than the 4 frames"):
         S.main(["--ckpt", world_ckpt, "--frames", "4", "--actions", "stay,stay", *out])
     with pytest.raises(ConfigError, match="pick one"):
