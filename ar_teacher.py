@@ -73,9 +73,9 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / -
     # given the real past 30.9% off, 10,000 solve it; 17,000 is the most a 60-min teacher budget allows on 2 cores)
     batch_size: int = 8  # the toy's choice for a 2-core CPU (officially 64, on GPUs)
     lr: float = 1e-3  # peak learning rate (warmup, then cosine decay to lr/10)
-    warmup: int = 100
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
+    warmup: int = 100  # linear warm-up steps (0: none)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # the gradient's global norm is clipped to this
     ema_decay: float = 0.995  # EMA of the weights, used for every sample and for the next stage
     prompt_dropout: float = 0.1  # fraction of prompts replaced by "" (the unconditional branch for CFG)
     ar_weighting: str = "bell"  # ar: per-t loss weight, "bell" (official stage 1, ~0 at both ends) or "uniform"
@@ -86,10 +86,10 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / -
     # --eval-only --eval-clips 288 prints that evaluation without touching the checkpoint
     eval_steps: int = 48  # Euler steps of the evaluation sampler
     guidance: float = 3.0  # CFG weight w of the evaluation sampler (v = v_u + w (v_c - v_u))
-    out_dir: str = "checkpoints"
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
+    out_dir: str = "checkpoints"  # where checkpoints and sample GIFs go (later stages read theirs here)
+    seed: int = 0  # seeds data, noise and weights: the same seed on a CPU gives the same run
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    resume: bool = False  # continue this run from its last checkpoint (X.partial.pt, else X.pt), exactly
     ship: bool = False  # also write the fp16 EMA weights to pretrained/ (the files this repository ships)
     eval_only: bool = False  # print the closing evaluation of the finished teacher (this run's, or the shipped one)
 

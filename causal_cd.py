@@ -53,17 +53,17 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data and the memor
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     steps: int = 300  # student optimizer steps: 300 keeps the front door at 3 min; the official README advises
     # >= 3K (causal ODE: >= 1K), and at 1,200 the toy's CD matches causal ODE at 2 steps (docs/RESULTS.md, Stage 2)
-    batch_size: int = 16
-    lr: float = 1e-4
-    warmup: int = 20
+    batch_size: int = 16  # clips per optimizer step
+    lr: float = 1e-4  # AdamW learning rate, after a linear warm-up
+    warmup: int = 20  # warm-up steps (0: none)
     guidance: float = 3.0  # CFG weight w of the teacher's Euler step (official CD: 3)
     ema_decay: float = 0.99  # the target network: EMA of the student, updated every step from step 0
-    eval_clips: int = 72
-    ckpt_every: int = 100
-    out_dir: str = "checkpoints"
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
+    eval_clips: int = 72  # clips of the closing evaluation (8 per prompt)
+    ckpt_every: int = 100  # atomic checkpoint every this many steps
+    out_dir: str = "checkpoints"  # where checkpoints and sample GIFs go (later stages read theirs here)
+    seed: int = 0  # seeds data, noise and weights: the same seed on a CPU gives the same run
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    resume: bool = False  # continue this run from its last checkpoint (X.partial.pt, else X.pt), exactly
 
 
 def checkpoint_path(cfg):

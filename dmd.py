@@ -91,23 +91,23 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / -
     gen_updates: int = 100  # generator updates; the critic gets critic_ratio times as many (docs/RESULTS.md: the sweep)
     critic_ratio: int = 5  # critic updates per generator update (official dfake_gen_update_ratio)
     critic_warmup: int = 0  # critic-only updates before the first generator update (not in the official code)
-    batch_size: int = 16
+    batch_size: int = 16  # self-rollout clips per generator / critic update
     lr: float = 2e-6  # generator (official 2e-6)
     lr_critic: float = 4e-7  # official 4e-7: the critic moves 5x slower per update than the generator
     real_guidance: float = 4.0  # CFG of the real score, uncond + w (cond - uncond) (= official cond + 3 (c - u))
     real_score: str = "base"  # toy: "base" (the trained bidirectional base, as officially Wan) or "exact" (the toy's
     # exact data score, toy_data.ExactScore: DMD against a perfect teacher; use it with --real-guidance 1)
     min_t: float = 20.0  # DMD timesteps are clamped to [min_t, max_t] (official 20 / 980)
-    max_t: float = 980.0
-    ema_decay: float = 0.95  # official 0.99 over ~200 updates; a 50-update toy run needs a shorter memory
+    max_t: float = 980.0  # see --min-t
+    ema_decay: float = 0.95  # official 0.99 over ~200 updates; a 100-update toy run needs a shorter memory
     ema_start: int = 10  # generator updates before the EMA starts (official: 200 iterations = 40 of ~200)
     eval_every: int = 10  # generator updates between evaluator lines
-    eval_clips: int = 72
-    ckpt_every: int = 10
-    out_dir: str = "checkpoints"
-    seed: int = 0
-    device: str = "auto"
-    resume: bool = False
+    eval_clips: int = 72  # clips of each evaluation (8 per prompt)
+    ckpt_every: int = 10  # atomic checkpoint every this many generator updates
+    out_dir: str = "checkpoints"  # where checkpoints and sample GIFs go (later stages read theirs here)
+    seed: int = 0  # seeds data, noise and weights: the same seed on a CPU gives the same run
+    device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
+    resume: bool = False  # continue this run from its last checkpoint (X.partial.pt, else X.pt), exactly
     table: bool = False  # run the whole toy table instead of one run
     table_seeds: int = 3  # --table: DMD seeds of each 2-step row (mean +- sd); the other rows run one seed
     table_steps: str = "1,2,4"  # --table: the step counts of its rows (e.g. "2": the headline row alone)

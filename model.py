@@ -715,13 +715,19 @@ def field_help(cls):
     return helps
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors (an unknown flag, a value of the wrong type) are one line, not the usage block first."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists every flag)\n")
+
+
 def parse_config(cls, argv=None, description=None):
     """Build a dataclass config from the command line: one --flag per field (underscores -> dashes), defaults
     from the dataclass, booleans as --flag / --no-flag, each flag's help its comment in the dataclass.
     Unknown flags are an error (argparse exits); so is a value the dataclass refuses (its __post_init__ raises a
     ConfigError: one line, exit 2)."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     helps = field_help(cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")

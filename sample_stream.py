@@ -36,8 +36,8 @@ import torch
 from tqdm import tqdm
 
 import toy_data
-from model import (ConfigError, KVCache, add_noise, check_num_steps, check_preset, euler_step, load_checkpoint,
-                   model_from_checkpoint, pick_device, run_main, timestep_grid, warped_steps, x0_from_v)
+from model import (ConfigError, KVCache, OneLineParser, add_noise, check_num_steps, check_preset, euler_step,
+                   load_checkpoint, model_from_checkpoint, pick_device, run_main, timestep_grid, warped_steps, x0_from_v)
 
 
 def ode_grid(model, num_steps):
@@ -554,16 +554,17 @@ def default_window(frames_per_block):
 
 def build_parser():
     import argparse
-    p = argparse.ArgumentParser(description="Real-time streaming generation with a distilled causal model.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description="Real-time streaming generation with a distilled causal model.",
+                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", default="checkpoints/causal_cd.pt", help="a causal_cd / causal_ode / "
                    "bidirectional_ode / dmd checkpoint")
     p.add_argument("--prompt", default="red circle", help=f"one of {toy_data.PROMPTS}")
     p.add_argument("--steps", type=int, default=0, help="1, 2 or 4 denoising steps per block; 0 = the "
                    "checkpoint's own (DMD) or 4")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the stream's noise: the same seed gives the same frames")
     p.add_argument("--frames", type=int, default=None, help="frames to generate, any length with a rolling cache "
-                   "(default 48; with --interactive, until 'quit' or Ctrl-C)")
+                   "(default: 48; with --actions alone, the script's length; with --interactive, until 'quit' or "
+                   "Ctrl-C)%(default).0s")  # (an empty %(default): argparse then adds no "(default: None)")
     p.add_argument("--window", type=int, default=None, help="rolling cache: recent frames kept, the current block "
                    "included (0 = full cache; default: 5 frame-wise, 2 blocks chunk-wise, within the 6-frame training span)")
     p.add_argument("--sink", type=int, default=0, help="rolling cache: first frames kept forever")
@@ -600,7 +601,7 @@ def build_parser():
                    "graph and replayed (static shapes, wan_scale.FastStep); the same frames as the eager default")
     w.add_argument("--compile", action="store_true", help="the fast path through torch.compile(mode='reduce-overhead') "
                    "instead (compiles for minutes; also runs on a CPU)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     return p
 
 

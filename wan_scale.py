@@ -28,8 +28,8 @@ import torch.nn as nn
 
 import torch.nn.functional as F
 
-from model import (PRESETS, ConfigError, DiT, RMSNorm, WeightsMismatchError, autocast, check_preset, describe_mismatch,
-                   pick_device, rope_cos_sin, run_main, warped_steps)
+from model import (PRESETS, ConfigError, DiT, OneLineParser, RMSNorm, WeightsMismatchError, autocast, check_preset,
+                   describe_mismatch, pick_device, rope_cos_sin, run_main, warped_steps)
 from sample_stream import _sync, fast_mode, timed_stream
 
 
@@ -1327,14 +1327,14 @@ def main_wan(args, model, ckpt, device):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Encode videos (NAME.mp4) and prompts (NAME.txt) into a latent "
-                                                 "folder for the stage scripts' --data (needs requirements-wan.txt)")
-    parser.add_argument("--videos", required=True)
-    parser.add_argument("--out", required=True)
+    parser = OneLineParser(description="Encode videos (NAME.mp4) and prompts (NAME.txt) into a latent folder for "
+                                       "the stage scripts' --data (needs requirements-wan.txt)")
+    parser.add_argument("--videos", required=True, help="a folder of NAME.mp4 clips, each with its prompt in NAME.txt")
+    parser.add_argument("--out", required=True, help="the latent folder to write (NAME.safetensors per clip)")
     parser.add_argument("--negative", default="", help="negative prompt; its features become the unconditional text")
-    parser.add_argument("--frames", type=int, default=81)
+    parser.add_argument("--frames", type=int, default=81, help="video frames read per clip (81 -> 21 latent frames)")
     parser.add_argument("--size", default="480x832", help="HxW of the videos fed to the VAE")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps")
     parser.add_argument("--wan", default=WAN_DIFFUSERS, help="the Wan2.1-T2V-1.3B-Diffusers download (a folder with "
                         "vae/, text_encoder/, tokenizer/) or its hub name")
     a = parser.parse_args()

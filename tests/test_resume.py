@@ -335,6 +335,7 @@ def test_cli_bad_input_is_one_line_and_exit_2_not_a_traceback():
                                                           f"folder checkpoints go to"),
     (ar_teacher, ["--model", "nope"], "--model 'nope' is not a preset: use one of wan2.1-1.3b, wan2.1-14b, toy, wan-tiny"),
     (dmd, ["--seed", str(10 ** 20)], f"--seed must be between 0 and 2^32 - 1 (got {10 ** 20})"),  # was an overflow
+    (dmd, ["--lr", "abc"], "argument --lr: invalid float value: 'abc' (--help lists every flag)"),  # not the usage block
 ])
 def test_a_bad_flag_value_is_one_line_and_exit_2_while_the_flags_are_read(stage, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -380,6 +381,13 @@ def test_every_stages_defaults_are_in_range_and_every_checked_option_exists():
             assert M.parse_config(stage.Config, argv) == stage.Config(actions=bool(argv))
     fields = {f.name for stage in (ar_teacher, ode_init, causal_cd, dmd) for f in dataclasses.fields(stage.Config)}
     assert {name for names, _, _ in wan_scale.OPTION_RANGES for name in names} <= fields  # a misspelt name checks nothing
+
+
+def test_every_flag_of_every_stage_has_a_help_text():
+    import dataclasses
+    for stage in (ar_teacher, ode_init, causal_cd, dmd):
+        helps = M.field_help(stage.Config)
+        assert [f.name for f in dataclasses.fields(stage.Config) if not helps.get(f.name, "").strip()] == [], stage
 
 
 def test_help_shows_each_flag_with_its_dataclass_comment_and_default(capsys):
