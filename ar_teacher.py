@@ -324,6 +324,9 @@ def check_flags(cfg):
         raise ConfigError("--diffusion-forcing is an ablation of the AR teacher: add --phase ar")
     if cfg.plain_base and not (cfg.phase == "base" and cfg.actions):
         raise ConfigError("--plain-base is the plain base a world base starts from: it needs --phase base --actions")
+    if cfg.ship and cfg.eval_only:
+        raise ConfigError("--ship writes a run's weights as it finishes; --eval-only trains nothing: drop one (a "
+                          "finished run ships with --resume --ship)")
     if cfg.phase == "ar" and cfg.shift != Config.shift:  # the AR teacher reads its schedule from its base
         raise ConfigError(f"--shift sets the base's schedule (--phase base --shift {cfg.shift:g}); the AR teacher "
                           f"inherits its base's: drop --shift")
@@ -365,15 +368,9 @@ def train(cfg):
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, history = 0, []
 
-    src, ckpt = start_run(path, cfg.resume, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg))
+    src, ckpt = start_run(path, cfg, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg),
+                          free=("ship", "eval_only", "eval_every", "ckpt_every", "eval_clips"))
     if ckpt is not None:
-        saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
-        differ = {k: (saved[k], v) for k, v in asdict(cfg).items()
-                  if k not in ("resume", "ship", "eval_only", "eval_every", "ckpt_every", "eval_clips", "device", "dry_run",
-                               "out_dir")
-                  and saved[k] != v}
-        if differ:
-            raise ConfigError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         load_whole(model, ckpt["model"])  # = model.load_state_dict for one process; any N can resume any N's run
         load_whole(ema, ckpt["ema"])
         load_whole_optimizer(opt, ckpt["optimizer"])

@@ -16,7 +16,8 @@ teacher ODE step (a consistency model, Song et al. 2023, with the AR teacher pro
 Student, EMA and teacher all start from the AR teacher. Because every frame's context is the ground-truth past
 (teacher forcing), the map learned is the AR teacher's conditional flow map, which is frame-level injective,
 just as in causal ODE distillation. Official cost on Wan2.1 (CF++ paper): 2,900 vs 11,600 A800 GPU-hours and
-0 vs 1,900 GiB of stored trajectories; this script prints the toy's analogue next to ode_init.py's.
+0 vs 1,900 GiB of stored trajectories; this script prints the toy's analogue (0 bytes) to
+compare with ode_init.py's "MiB stored" line.
 
 Differences from the official code (thu-ml/Causal-Forcing trainer/naive_cd.py): float32 timesteps (the official
 casts t to bf16), a toy learning rate, batch and length (300 steps; the official README advises >= 3K, and the
@@ -49,7 +50,7 @@ from sample_stream import cfg_velocity, toy_few_step_report
 
 @dataclass
 class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data and the memory options for Wan scale
-    toy: bool = False  # the front door: first train whichever toy teacher checkpoint is missing
+    toy: bool = False  # the front door: first train whichever toy teacher is missing (none, with pretrained/)
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     steps: int = 300  # student optimizer steps: 300 keeps the front door at 3 min; the official README advises
     # >= 3K (causal ODE: >= 1K), and at 1,200 the toy's CD matches causal ODE at 2 steps (docs/RESULTS.md, Stage 2)
@@ -125,7 +126,8 @@ def train(cfg):
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], checkpoint_path(cfg)
-    src, ckpt = start_run(path, cfg.resume, "causal_cd", "python causal_cd.py" + run_flags(cfg))
+    src, ckpt = start_run(path, cfg, "causal_cd", "python causal_cd.py" + run_flags(cfg),
+                          free=("steps", "toy", "eval_clips", "ckpt_every"))  # more --steps: a longer run
     if ckpt is not None:
         load_whole(student, ckpt["model"]), load_whole(ema, ckpt["ema"])  # any N resumes any N's run
         load_whole_optimizer(opt, ckpt["optimizer"])

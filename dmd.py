@@ -115,6 +115,9 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / -
     # separate --out-dir folders; their dmd_table_runs.json records merge, and --table --resume prints them all)
 
 
+TABLE_FLAGS = ("table_seeds", "table_steps", "table_inits")  # settings of --table alone
+
+
 def checkpoint_path(cfg):
     suffix = ("" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}") + (
         f"_seed{cfg.seed}" if cfg.seed else "")
@@ -215,6 +218,9 @@ def train(cfg):
     if cfg.real_score not in ("base", "exact") or (cfg.real_score == "exact" and (cfg.data != "toy" or cfg.actions)):
         raise ConfigError(f"--real-score must be 'base' or, on the plain toy only (its data law is known), 'exact' "
                          f"(got {cfg.real_score!r} with --data {cfg.data}{' --actions' if cfg.actions else ''})")
+    given = [k for k in TABLE_FLAGS if getattr(cfg, k) != getattr(Config, k)]
+    if given:
+        raise ConfigError(f"{', '.join('--' + k.replace('_', '-') for k in given)} shape the toy Table 2: add --table")
     if cfg.min_t >= cfg.max_t:
         raise ConfigError(f"--min-t {cfg.min_t:g} must be below --max-t {cfg.max_t:g} (DMD's t is clamped to [min_t, max_t])")
     if cfg.real_score == "exact" and cfg.real_guidance != 1:
@@ -254,14 +260,10 @@ def train(cfg):
     path = checkpoint_path(cfg)
     it, log = 0, []  # it counts critic updates; a generator update happens when it % critic_ratio == 0
 
-    src, ckpt = start_run(path, cfg.resume, "dmd", make_command(cfg))
+    src, ckpt = start_run(path, cfg, "dmd", make_command(cfg), free=("gen_updates", "eval_every", "eval_clips",
+                                                                       "ckpt_every", "table", "table_seeds",
+                                                                       "table_steps", "table_inits"))
     if ckpt is not None:
-        keep = ("gen_updates", "eval_every", "eval_clips", "ckpt_every", "device", "resume", "table", "table_seeds",
-                "table_steps", "table_inits", "dry_run", "out_dir")
-        saved = {**asdict(Config()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
-        differ = {k: (saved[k], v) for k, v in asdict(cfg).items() if k not in keep and saved[k] != v}
-        if differ:
-            raise ConfigError(f"--resume: {path} was trained with other settings (saved, now): {differ}")
         load_whole(generator, ckpt["model"]), load_whole(critic, ckpt["critic"])  # any N resumes any N's run
         load_whole_optimizer(opt_g, ckpt["optimizer"]), load_whole_optimizer(opt_c, ckpt["optimizer_critic"])
         if ckpt["ema_started"]:
@@ -448,8 +450,9 @@ def table(cfg):
     done = json.load(open(done_path)) if cfg.resume and os.path.exists(done_path) else {}
     done = {k: v for k, v in done.items() if how({**asdict(Config()), **v["settings"]}) == settings}  # new: default
     seeds = lambda n: [cfg.seed + i for i in range(cfg.table_seeds if n == 2 else 1)]
+    table_flags = {k: getattr(Config, k) for k in TABLE_FLAGS}  # one run of the table is a plain run
     run_cfg = lambda init, n, seed: Config(**{**asdict(cfg), "init": init, "num_steps": n, "seed": seed,
-                                             "table": False, "resume": False})
+                                             "table": False, "resume": False, **table_flags})
     # The 2-step rows (the headline, with their seeds) train first, so an interrupted table has them.
     for n in sorted(steps, key=lambda n: n != 2):
         for init in inits:

@@ -3,7 +3,8 @@ model.py — one Wan2.1-shaped diffusion transformer (DiT) for every stage, its 
 schedule helpers the stage scripts share.
 
 Read this file first. The stage scripts (`ar_teacher.py`, `ode_init.py`, `causal_cd.py`, `dmd.py`) and the
-streaming sampler (`sample_stream.py`) only ever call `DiT.forward` in one of its three attention paths:
+streaming sampler (`sample_stream.py`) call `DiT.forward` in one of its three attention paths (plus one variant:
+block-causal attention over noisy frames, for the diffusion-forcing ablation and the bidirectional-ODE student):
 
     path 1  bidirectional      every token sees every token                 (base model, teacher, DMD scores)
     path 2  teacher forcing    input [clean | noisy]; noisy block i sees    (training the AR model: stage 1, 2a, 2b)
@@ -776,11 +777,16 @@ def save_run(path, finished, **payload):
         os.remove(partial_path(path))
 
 
-def start_run(path, resume, stage, make_cmd):
-    """Where a training run starts. With --resume: (the file it continues, its checkpoint), the partial one before
-    the finished one; nothing to resume, or a shipped file without optimizer state, is an error that says what to
-    do instead. Without: (None, None), and a finished X.pt already there stays until the new run finishes."""
-    if not resume:
+RUN_PLACE = ("resume", "device", "dry_run", "out_dir", "memory_cap_gib", "gpus", "grad_checkpointing")  # where and
+# how a run executes, not what it computes: free to change on --resume
+
+
+def start_run(path, cfg, stage, make_cmd, free=()):
+    """Where a training run starts. With cfg.resume: (the file it continues, its checkpoint), the partial one before
+    the finished one; nothing to resume, a shipped file without optimizer state, or a run trained with settings
+    other than cfg's (apart from `free`, e.g. its length or logging, and RUN_PLACE) is an error that says what to do
+    instead. Without: (None, None), and a finished X.pt already there stays until the new run finishes."""
+    if not cfg.resume:
         if os.path.exists(path):
             print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
         return None, None
@@ -792,6 +798,11 @@ def start_run(path, resume, stage, make_cmd):
     if "optimizer" not in ckpt:
         raise ConfigError(f"--resume: {src} holds EMA weights only (a shipped file): it cannot be trained further; "
                           f"evaluate it with --eval-only, or train afresh without --resume")
+    saved = {**dataclasses.asdict(type(cfg)()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
+    differ = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
+              if k not in (*free, *RUN_PLACE) and saved[k] != v}
+    if differ:
+        raise ConfigError(f"--resume: {src} was trained with other settings (saved, now): {differ}")
     return src, ckpt
 
 

@@ -318,7 +318,8 @@ def train(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)
     step, history, path = 0, [], student_path(cfg)
     name = os.path.basename(path)[:-3]  # causal_ode, bidirectional_ode, bidirectional_ode_noisy_prefix, ...
-    src, ckpt = start_run(path, cfg.resume, stage_name(cfg.teacher), make_command(cfg))
+    src, ckpt = start_run(path, cfg, stage_name(cfg.teacher), make_command(cfg),  # more --steps: a longer run
+                          free=("steps", "eval_clips", "ckpt_every", "plot", "train_missing", "per_frame", "unseen_pairs"))
     if ckpt is not None:
         load_whole(student, ckpt["model"]), load_whole(ema, ckpt["ema"])  # any N resumes any N's run
         load_whole_optimizer(opt, ckpt["optimizer"])
@@ -471,7 +472,8 @@ def students_on_training_inputs(student, teacher_kind, pairs, n):
 def plot_injectivity(cfg, path="injectivity.png", K=16):
     """The figure: (a) who decides frame i from the future; (b) the conditional expectation, as pictures; (c, d)
     second moment per frame of each student against its own ODE targets, on its training inputs and at streaming
-    inference; (e) the exact two-scalar miniature. Trains whichever student is missing first."""
+    inference; (e) the exact two-scalar miniature. With --train-missing it first trains a missing student; without,
+    a missing student stops it with the command that makes it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

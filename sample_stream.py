@@ -708,6 +708,9 @@ def check_flags(parser, args):
         raise ConfigError(f"--seed must be between 0 and 2^32 - 1 (got {args.seed})")
     if args.model:
         check_preset(args.model)
+        if not args.bench or args.model == "toy":
+            raise ConfigError(f"--model {args.model}: --model is the Wan preset of the Wan-scale bench (--bench --model "
+                              f"wan2.1-1.3b); a toy checkpoint is benchmarked with --bench --ckpt")
     if args.steps:  # 0: the checkpoint's own
         check_num_steps(args.steps, "--steps")
     out_dir = os.path.dirname(args.out) or "."

@@ -271,6 +271,9 @@ class ScaleOptions:
             raise ConfigError(f"--data {self.data}: no such latent folder (make one with python wan_scale.py --videos "
                               f"<clips> --out {self.data}); the toy world is --data toy")
         if self.data == "toy":  # (a latent folder's clip length is checked when the folder is opened)
+            if self.clip_frames:
+                raise ConfigError("--clip-frames crops the clips of a latent folder (or an FxHxW size); the toy's clips "
+                                  "are 6 frames")
             import toy_data
             fpb = getattr(self, "frames_per_block", 1)
             if toy_data.FRAMES % fpb:
@@ -517,9 +520,6 @@ def open_data(spec, model_cfg, clip_frames=0, actions=False):
     or "FxHxW" (SyntheticLatents). All answer batch(n, generator) -> (x0, text, null text, prompts, actions) and
     texts(n, generator) -> (text, null text, prompts, actions); actions is None except in the toy world model."""
     check_actions(actions, model_cfg, spec)
-    if clip_frames and spec == "toy":
-        raise ConfigError("--clip-frames crops the clips of a latent folder (or an FxHxW size); the toy's clips are 6 "
-                          "frames")
     if spec == "toy":
         if model_cfg.in_dim != 3:
             raise ConfigError(f"--data toy needs the toy model (in_dim 3), not in_dim {model_cfg.in_dim}; pass "

@@ -223,6 +223,8 @@ def test_a_finished_stage2_run_continued_to_more_steps_equals_one_longer_run(run
     straight = M.load_checkpoint(path)
     train(make(2))
     assert M.load_checkpoint(path)["step"] == 2
+    with pytest.raises(M.ConfigError, match=r"was trained with other settings \(saved, now\): \{'lr': "):
+        train(make(4, resume=True, lr=0.5))  # what the run computes may not change on --resume (its length may)
     train(make(4, resume=True))
     continued = M.load_checkpoint(path)
     for k in ("model", "ema", "optimizer", "step", "history", gen_key):
@@ -355,6 +357,8 @@ def test_flags_that_contradict_each_other_are_refused_before_any_work(tmp_path):
          "--init / --num-steps pick one DMD run"),
         (ar_teacher.train, ar_teacher, ["--dry-run", "--phase", "base", "--diffusion-forcing"], "an ablation of the AR"),
         (ar_teacher.train, ar_teacher, ["--dry-run", "--phase", "ar", "--plain-base", "x.pt"], "it needs --phase base"),
+        (ar_teacher.evaluate_only, ar_teacher, ["--eval-only", "--ship"], "--eval-only trains nothing: drop one"),
+        (dmd.train, dmd, ["--dry-run", "--table-steps", "2"], "--table-steps shape the toy Table 2: add --table"),
     ]:  # --dry-run: a check that broke would print a plan and fail here, not start a training run
         with pytest.raises(M.ConfigError, match=message):
             run(M.parse_config(stage.Config, argv + ["--out-dir", str(tmp_path)]))

@@ -208,6 +208,8 @@ def test_cli_bad_input_fails_before_any_work(streamable, tmp_path):
         cli(paths[1], tmp, "--vae", "random")
     with pytest.raises(M.ConfigError, match=r"--steps must be 1, 2 or 4 \(got 3\)"):
         S.main(["--bench", "--steps", "3"])  # before any timing
+    with pytest.raises(M.ConfigError, match=r"--model wan2.1-1.3b: --model is the Wan preset of the Wan-scale bench"):
+        cli(paths[1], tmp, "--model", "wan2.1-1.3b")  # without --bench it would go unused
     with pytest.raises(M.ConfigError, match=r"--seed must be between 0 and 2\^32 - 1 \(got -1\)"):
         cli(paths[1], tmp, "--seed", "-1")
     with pytest.raises(M.ConfigError, match=r"--prompt, --frames: --bench / --switch-bench measure fixed settings"):

@@ -301,7 +301,7 @@ def test_clip_frames_crops_a_latent_folder_for_training_and_planning(wan_tiny, c
         WS.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=5)
     assert WS.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=2).shape == (2, 4, 8)  # synthetic: cropped too
     with pytest.raises(ValueError, match="--clip-frames crops the clips of a latent folder"):
-        WS.open_data("toy", M.PRESETS["toy"], clip_frames=2)
+        WS.ScaleOptions(clip_frames=2)  # on the toy: refused when the flags are read, before any checkpoint loads
     import causal_cd
     causal_cd.train(M.parse_config(causal_cd.Config, ["--dry-run", "--model", "wan2.1-1.3b", "--batch-size", "1",
                                                       "--data", str(wan_tiny / "latents"), "--clip-frames", "2"]))
