@@ -341,6 +341,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     path = checkpoint_path(cfg)
     part.check(cfg)
+    src, ckpt = start_run(path, cfg, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg),
+                          free=("ship", "eval_only", "eval_every", "ckpt_every", "eval_clips"))  # before any loading
 
     # the model: a fresh toy DiT for the base; the base's EMA weights (or Wan2.1's) for the AR teacher
     if cfg.phase == "base":
@@ -367,9 +369,6 @@ def train(cfg):
     data_gen = torch.Generator().manual_seed(cfg.seed)  # clips, prompt dropout, timesteps
     noise_gen = torch.Generator().manual_seed(cfg.seed + 1)
     step, history = 0, []
-
-    src, ckpt = start_run(path, cfg, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg),
-                          free=("ship", "eval_only", "eval_every", "ckpt_every", "eval_clips"))
     if ckpt is not None:
         load_whole(model, ckpt["model"])  # = model.load_state_dict for one process; any N can resume any N's run
         load_whole(ema, ckpt["ema"])

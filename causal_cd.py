@@ -114,6 +114,9 @@ def train(cfg):
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     part.check(cfg)
+    path = checkpoint_path(cfg)
+    src, ckpt = start_run(path, cfg, "causal_cd", "python causal_cd.py" + run_flags(cfg),
+                          free=("steps", "toy", "eval_clips", "ckpt_every"))  # more --steps: a longer run
     if cfg.toy:
         ensure_teachers(cfg)
     teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
@@ -125,9 +128,7 @@ def train(cfg):
     teacher, student, ema = shard(teacher, part), shard(student, part), shard(ema, part)  # torchrun
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.0, 0.999), 0.0)
     data_gen = torch.Generator().manual_seed(cfg.seed)
-    step, history, path = 0, [], checkpoint_path(cfg)
-    src, ckpt = start_run(path, cfg, "causal_cd", "python causal_cd.py" + run_flags(cfg),
-                          free=("steps", "toy", "eval_clips", "ckpt_every"))  # more --steps: a longer run
+    step, history = 0, []
     if ckpt is not None:
         load_whole(student, ckpt["model"]), load_whole(ema, ckpt["ema"])  # any N resumes any N's run
         load_whole_optimizer(opt, ckpt["optimizer"])

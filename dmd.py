@@ -233,6 +233,10 @@ def train(cfg):
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     part.check(cfg)
+    path = checkpoint_path(cfg)
+    src, ckpt = start_run(path, cfg, "dmd", make_command(cfg), free=("gen_updates", "eval_every", "eval_clips",
+                                                                       "ckpt_every", "table", "table_seeds",
+                                                                       "table_steps", "table_inits"))  # before loading
     generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device, cfg.actions)
     data = open_data(cfg.data, generator.cfg, cfg.clip_frames, cfg.actions)
     n_frames, H, W = data.shape
@@ -257,12 +261,7 @@ def train(cfg):
     gen = torch.Generator().manual_seed(cfg.seed)  # prompts, noise, exit steps, DMD timesteps
     shift = generator.cfg.shift
     steps, first_steps = step_lists(cfg.num_steps, cfg.frames_per_block, shift)
-    path = checkpoint_path(cfg)
     it, log = 0, []  # it counts critic updates; a generator update happens when it % critic_ratio == 0
-
-    src, ckpt = start_run(path, cfg, "dmd", make_command(cfg), free=("gen_updates", "eval_every", "eval_clips",
-                                                                       "ckpt_every", "table", "table_seeds",
-                                                                       "table_steps", "table_inits"))
     if ckpt is not None:
         load_whole(generator, ckpt["model"]), load_whole(critic, ckpt["critic"])  # any N resumes any N's run
         load_whole_optimizer(opt_g, ckpt["optimizer"]), load_whole_optimizer(opt_c, ckpt["optimizer_critic"])

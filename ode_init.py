@@ -298,6 +298,9 @@ def train(cfg):
     limit_memory(device, cfg.memory_cap_gib)
     torch.manual_seed(cfg.seed)
     part.check(cfg, ("--num-pairs", cfg.num_pairs))
+    path = student_path(cfg)
+    src, ckpt = start_run(path, cfg, stage_name(cfg.teacher), make_command(cfg),  # more --steps: a longer run
+                          free=("steps", "eval_clips", "ckpt_every", "plot", "train_missing", "per_frame", "unseen_pairs"))
     if cfg.teacher == "ar":
         teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
                                              actions=cfg.actions)
@@ -316,10 +319,8 @@ def train(cfg):
         teacher = None  # its memory goes to the student's optimizer; the toy keeps it for the unseen pairs
     opt = make_optimizer(student.parameters(), cfg.optimizer, cfg.lr, (0.9, 0.99), 0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, history, path = 0, [], student_path(cfg)
+    step, history = 0, []
     name = os.path.basename(path)[:-3]  # causal_ode, bidirectional_ode, bidirectional_ode_noisy_prefix, ...
-    src, ckpt = start_run(path, cfg, stage_name(cfg.teacher), make_command(cfg),  # more --steps: a longer run
-                          free=("steps", "eval_clips", "ckpt_every", "plot", "train_missing", "per_frame", "unseen_pairs"))
     if ckpt is not None:
         load_whole(student, ckpt["model"]), load_whole(ema, ckpt["ema"])  # any N resumes any N's run
         load_whole_optimizer(opt, ckpt["optimizer"])

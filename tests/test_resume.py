@@ -276,6 +276,12 @@ def test_dmd_resume_restores_everything(run_dir, monkeypatch):
 def test_resume_with_nothing_to_resume_stops_and_says_so(tmp_path):
     with pytest.raises(M.ConfigError, match="nothing to resume.*drop --resume"):
         ar_teacher.train(tiny_run(tmp_path, phase="base", resume=True))
+    for run, cfg in ((ar_teacher.train, tiny_run(tmp_path, phase="ar", resume=True)),  # before the base is read
+                     (causal_cd.train, causal_cd.Config(resume=True, out_dir=str(tmp_path))),  # (a broken check
+                     (ode_init.train, ode_init.Config(resume=True, out_dir=str(tmp_path))),  # fails fast here:
+                     (dmd.train, dmd.Config(resume=True, out_dir=str(tmp_path)))):  # no teacher, base or init)
+        with pytest.raises(M.ConfigError, match="nothing to resume"):
+            run(cfg)
 
 
 def test_a_shipped_teacher_cannot_be_resumed_and_the_error_says_why(tmp_path):
