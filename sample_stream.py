@@ -906,13 +906,13 @@ def switch_bench(args, seeds=(0, 1, 2)):
               + (f", re-cache latency at batch 1 {cell('recache_s')} s" if recache else ""))
 
 
+@torch.no_grad()
 def bench(args, n_clips=36, long=96):
     """The speed table (issue: faster than real time, cache vs recompute at 8/32/128 frames, first-frame
     latency of frame-wise 2-step vs chunk-wise 4-step) and the long-stream drift check (n_clips x long frames)."""
     device = pick_device(args.device)
     model, ckpt = load_streamable(args.ckpt, world_ok=False)
     model = model.to(device)
-    torch.set_grad_enabled(False)
     print(f"speed, batch 1, {device.type}, {torch.get_num_threads()} threads, {args.ckpt}; speed depends only on "
           f"the architecture (chunk-wise rows reuse the same weights with 3-frame blocks)")
     print(f"{'mode':34s}{'frames':>7s}{'first frame':>13s}{'per frame':>11s}{'frames/s':>10s}"
