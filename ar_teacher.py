@@ -341,8 +341,10 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     path = checkpoint_path(cfg)
     part.check(cfg)
+    other_phase = ("ar_steps", "world_ar_steps", "ar_weighting") if cfg.phase == "base" else (
+        "base_steps", "world_steps", "base_weighting", "plain_base")  # settings this phase does not read
     src, ckpt = start_run(path, cfg, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg),
-                          free=("ship", "eval_only", "eval_every", "ckpt_every", "eval_clips"))  # before any loading
+                          free=("ship", "eval_only", "eval_every", "ckpt_every", "eval_clips", *other_phase))
 
     # the model: a fresh toy DiT for the base; the base's EMA weights (or Wan2.1's) for the AR teacher
     if cfg.phase == "base":

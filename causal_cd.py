@@ -50,7 +50,8 @@ from sample_stream import cfg_velocity, toy_few_step_report
 
 @dataclass
 class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data and the memory options for Wan scale
-    toy: bool = False  # the front door: first train whichever toy teacher is missing (none, with pretrained/)
+    toy: bool = False  # the front door: first train whichever toy teacher is missing (none in the default --out-dir,
+    # where pretrained/ serves)
     frames_per_block: int = 1  # 1 = frame-wise, 3 = chunk-wise (the AR teacher must match)
     steps: int = 300  # student optimizer steps: 300 keeps the front door at 3 min; the official README advises
     # >= 3K (causal ODE: >= 1K), and at 1,200 the toy's CD matches causal ODE at 2 steps (docs/RESULTS.md, Stage 2)
@@ -62,7 +63,7 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data and the memor
     eval_clips: int = 72  # clips of the closing evaluation (8 per prompt)
     ckpt_every: int = 100  # atomic checkpoint every this many steps
     out_dir: str = "checkpoints"  # where checkpoints and sample GIFs go (later stages read theirs here)
-    seed: int = 0  # seeds data, noise and weights: the same seed on a CPU gives the same run
+    seed: int = 0  # seeds data and noise (the weights start from the teacher): the same seed on a CPU, the same run
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     resume: bool = False  # continue this run from its last checkpoint (X.partial.pt, else X.pt), exactly
 
@@ -70,6 +71,12 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data and the memor
 def checkpoint_path(cfg):
     suffix = "" if cfg.frames_per_block == 1 else f"_fpb{cfg.frames_per_block}"
     return os.path.join(cfg.out_dir, f"causal_cd{suffix}.pt")
+
+
+def make_command(cfg):
+    """The command that (re)makes this run's checkpoint, for error messages."""
+    return "python causal_cd.py --toy" + (f" --frames-per-block {cfg.frames_per_block}" if cfg.frames_per_block != 1
+                                          else "") + run_flags(cfg)
 
 
 def cd_loss(student, ema, teacher, x0, ctx, ctx_null, grid, guidance, frames_per_block, generator, actions=None,
@@ -99,10 +106,8 @@ def ensure_teachers(cfg):
     ar = ar_teacher.Config(phase="ar", frames_per_block=cfg.frames_per_block, **same)
     for tcfg in (base, ar):
         if ar_teacher.find_teacher(tcfg) is None:  # neither trained here nor shipped in pretrained/
-            shipped = ar_teacher.shipped_path(tcfg)  # pretrained/ serves only the default --out-dir
-            print(f"{ar_teacher.checkpoint_path(tcfg)} is missing: training it now ({ar_teacher.make_command(tcfg)})"
-                  + (f"; Ctrl-C and cp {shipped} {cfg.out_dir}/ starts from the shipped one" if os.path.exists(shipped)
-                     else ""))
+            print(f"{ar_teacher.checkpoint_path(tcfg)} is missing: training it now; to make it yourself: "
+                  f"{ar_teacher.remake_hint(tcfg)}")
             ar_teacher.train(tcfg)
 
 
@@ -115,7 +120,7 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     part.check(cfg)
     path = checkpoint_path(cfg)
-    src, ckpt = start_run(path, cfg, "causal_cd", "python causal_cd.py" + run_flags(cfg),
+    src, ckpt = start_run(path, cfg, "causal_cd", make_command(cfg),
                           free=("steps", "toy", "eval_clips", "ckpt_every"))  # more --steps: a longer run
     if cfg.toy:
         ensure_teachers(cfg)
@@ -186,7 +191,7 @@ def train(cfg):
 
 def load_student(out_dir="checkpoints", frames_per_block=1, device="cpu", actions=False):
     cfg = Config(frames_per_block=frames_per_block, out_dir=out_dir, actions=actions)
-    ckpt = load_checkpoint(checkpoint_path(cfg), stage="causal_cd", make_cmd="python causal_cd.py --toy" + run_flags(cfg))
+    ckpt = load_checkpoint(checkpoint_path(cfg), stage="causal_cd", make_cmd=make_command(cfg))
     check_actions(actions, ModelConfig(**ckpt["model_config"]))
     return model_from_checkpoint(ckpt, key="ema", device=device).eval(), ckpt
 

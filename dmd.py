@@ -33,8 +33,8 @@ a second line: how often the next frame misses the motion given the real past an
 (their gap is exposure bias, what self rollout should shrink), the mean foreground area per frame (a CFG push
 grows the shapes) and `critic_fit`, how much better the critic fits the generator's clips than the base it started
 from (0 at the start, negative once it has learned the generator). At the official step sizes on causal CD 2-step
-(`--seed 0/1/2`, as their progress bars showed them), |g| stays within 0.80-0.92 and the critic loss within
-0.07-0.31 (single batches, noisy) over 100 updates, with no trend (a critic loss that climbs steadily, or |g| that
+(`--seed 0/1/2`; each checkpoint's `log`), |g| stays within 0.80-0.92 and the critic loss within 0.07-0.31
+(single batches, noisy) over 100 updates, with no trend (a critic loss that climbs steadily, or |g| that
 grows, would suggest the critic has lost track of the generator), and critic_fit ends at -1.7 +- 0.1%: the fake
 score has barely left the base, so g stays close to the real score's CFG push. docs/RESULTS.md, Stage 3, says what
 DMD does on the toy, measured, and what the critic does ("Does the critic learn the generator?").
@@ -105,7 +105,7 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / -
     eval_clips: int = 72  # clips of each evaluation (8 per prompt)
     ckpt_every: int = 10  # atomic checkpoint every this many generator updates
     out_dir: str = "checkpoints"  # where checkpoints and sample GIFs go (later stages read theirs here)
-    seed: int = 0  # seeds data, noise and weights: the same seed on a CPU gives the same run
+    seed: int = 0  # seeds prompts, noise, exit steps and t (the weights start from --init): same seed, same run
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     resume: bool = False  # continue this run from its last checkpoint (X.partial.pt, else X.pt), exactly
     table: bool = False  # run the whole toy table instead of one run
@@ -437,6 +437,8 @@ def table(cfg):
     if not set(names) <= set(INITS) or len(set(names)) != len(names):
         raise ConfigError(f"--table-inits must list distinct inits out of {','.join(INITS)} (got {cfg.table_inits!r})")
     inits = [i for i in INITS if i in names]  # the table's row order
+    if cfg.seed + cfg.table_seeds > 2 ** 32:  # its runs take seeds seed .. seed + table_seeds - 1
+        raise ConfigError(f"--seed {cfg.seed} + --table-seeds {cfg.table_seeds}: the last run's seed passes 2^32 - 1")
     t0 = time.time()
     ensure_stage2(cfg, inits)
     device = pick_device(cfg.device)
@@ -469,7 +471,8 @@ def table(cfg):
     for init in inits:
         for n in steps:
             gen_model, _ = load_generator(checkpoint_path(run_cfg(init, n, cfg.seed)), device)
-            speed = stream_speed(gen_model, n, 1, frames=toy_data.FRAMES, first_block_4step=n < 4)
+            speed = stream_speed(gen_model, n, cfg.frames_per_block, frames=toy_data.FRAMES,
+                                 first_block_4step=n < 4 and cfg.frames_per_block == 1)
             rows.append(dict(init=init, steps=n, runs=[done[f"{init} {n}-step seed {s}"]["run"] for s in seeds(n)],
                              **speed))
     json.dump(rows, open(os.path.join(cfg.out_dir, "dmd_table.json"), "w"), indent=1)

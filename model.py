@@ -802,7 +802,8 @@ def start_run(path, cfg, stage, make_cmd, free=()):
     differ = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
               if k not in (*free, *RUN_PLACE) and saved[k] != v}
     if differ:
-        raise ConfigError(f"--resume: {src} was trained with other settings (saved, now): {differ}")
+        raise ConfigError(f"--resume: {src} was trained with other settings (saved, now): {differ}; pass the saved "
+                          f"values, or drop --resume to start afresh")
     return src, ckpt
 
 

@@ -83,7 +83,7 @@ class Config(ScaleOptions):  # ScaleOptions (wan_scale.py): --data / --model / -
     eval_clips: int = 72  # clips of the closing evaluation (8 per prompt)
     ckpt_every: int = 200  # atomic checkpoint every this many steps
     out_dir: str = "checkpoints"  # where checkpoints and sample GIFs go (later stages read theirs here)
-    seed: int = 0  # seeds data, noise and weights: the same seed on a CPU gives the same run
+    seed: int = 0  # seeds pairs and training (the weights start from the teacher): the same seed on a CPU, the same run
     device: str = "auto"  # auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps
     resume: bool = False  # continue this run from its last checkpoint (X.partial.pt, else X.pt), exactly
     plot: bool = False  # make injectivity.png from both ODE students (about 3 min on a 2-core CPU)
@@ -154,7 +154,7 @@ def pair_metadata(cfg, teacher_ckpt):
     """What a pair file must agree on with the run that reads it."""
     return dict(teacher=cfg.teacher, frames_per_block=cfg.frames_per_block, guidance=cfg.guidance,
                 teacher_step=teacher_ckpt["step"], teacher_stage=teacher_ckpt["stage"], exact=cfg.exact_teacher,
-                model_config=teacher_ckpt["model_config"], stored=STORED, seed=cfg.seed, num_pairs=cfg.num_pairs)
+                model_config=teacher_ckpt["model_config"], stored=STORED, num_pairs=cfg.num_pairs)
 
 
 def trajectories(cfg, teacher, n, g, device, part=Part(), what="ODE pairs", exclude=None):
@@ -199,11 +199,13 @@ def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
     meta = pair_metadata(cfg, teacher_ckpt)
     if os.path.exists(path):
         pairs = torch.load(path, map_location="cpu", weights_only=False)
-        saved = {"seed": cfg.seed, "num_pairs": len(pairs["x0"]), **pairs["meta"]}  # a file older than these keys
+        saved = {**pairs["meta"], "num_pairs": len(pairs["x0"])}  # --num-pairs: another set, not a slice of this
         differ = {k: (saved.get(k), v) for k, v in meta.items() if saved.get(k) != v}
-        if differ:  # (its --seed draws other clips and noise; --num-pairs another set, not a slice of this one)
+        if differ:
             raise ConfigError(f"{path} was made for another setup (saved, now): {differ}; "
                              f"delete it to regenerate, or use another --out-dir")
+        if pairs.get("seed", cfg.seed) != cfg.seed:  # allowed: several training seeds on one pair set
+            print(f"note: {path} was made with --seed {pairs['seed']}; --seed {cfg.seed} seeds the training only")
         print(f"loaded {len(pairs['x0'])} ODE pairs from {path}")
         pairs["loaded"] = True  # made by an earlier run: this run's time does not include them
         if "text" not in pairs:  # a toy pair file written before pairs stored their text features
@@ -212,7 +214,7 @@ def make_pairs(cfg, teacher, teacher_ckpt, device, part=Part()):
         return pairs
     t0 = time.time()
     pairs = trajectories(cfg, teacher, cfg.num_pairs, torch.Generator().manual_seed(cfg.seed + 100), device, part)
-    pairs.update(meta=meta, seconds=time.time() - t0)
+    pairs.update(meta=meta, seed=cfg.seed, seconds=time.time() - t0)
     pairs["bytes"] = pairs["states"].numel() * 4 + (pairs["x0"].numel() * 4 if cfg.teacher == "ar" else 0)
     on_main(part, lambda: save_checkpoint(path, **pairs))
     print(f"{cfg.num_pairs} ODE pairs: {pairs['bytes'] / 2 ** 20:.1f} MiB stored, {pairs['seconds']:.0f} s -> {path}")

@@ -468,26 +468,28 @@ DISTILLED = ("causal_cd", "causal_ode", "bidirectional_ode", "dmd")  # checkpoin
 
 def remake_command(path):
     """The command that makes the distilled checkpoint `path`, read from the stages' file names (dmd_INIT_Nstep,
-    causal_cd, causal_ode, bidirectional_ode; _fpbK, _seedS, _exact; checkpoints/world/ for the world model)."""
+    causal_cd, causal_ode, bidirectional_ode; _fpbK, _seedS, _exact, _noisy_prefix; checkpoints/world/ for the world
+    model) as each stage's make_command writes it (a test checks they agree); None for another name."""
     name, folder = os.path.basename(path).removesuffix(".pt"), os.path.normpath(os.path.dirname(path) or ".")
     world = os.path.basename(folder) == "world"
     fpb, seed = re.search(r"_fpb(\d+)", name), re.search(r"_seed(\d+)", name)
-    flags = (f" --frames-per-block {fpb[1]}" if fpb else "") + (f" --seed {seed[1]}" if seed else "") + (
-        " --actions" if world else "") + (
+    fpb = f" --frames-per-block {fpb[1]}" if fpb else ""
+    place = (" --actions" if world else "") + (
         "" if folder == os.path.normpath(os.path.join("checkpoints", "world" if world else "")) else f" --out-dir {folder}")
     dmd = re.match(r"dmd_(\w+?)_(\d+)step", name)
     if dmd:
-        return f"python dmd.py --init {dmd[1]} --num-steps {dmd[2]}" + flags
+        return f"python dmd.py --init {dmd[1]} --num-steps {dmd[2]}" + fpb + (f" --seed {seed[1]}" if seed else "") + place
     if name.startswith(("causal_ode", "bidirectional_ode")):
-        return (f"python ode_init.py --teacher {'ar' if name.startswith('causal') else 'bidirectional'}"
-                + (" --exact-teacher" if "_exact" in name else "") + (" --noisy-prefix" if "_noisy_prefix" in name else "")
-                + flags)
-    return "python causal_cd.py --toy" + flags
+        return (f"python ode_init.py --teacher {'ar' if name.startswith('causal') else 'bidirectional'}" + fpb
+                + (" --noisy-prefix" if "_noisy_prefix" in name else "")
+                + (" --exact-teacher --guidance 1" if "_exact" in name else "") + place)
+    return "python causal_cd.py --toy" + fpb + place if name.startswith("causal_cd") else None
 
 
 def load_streamable(path, world_ok=True):
     """A distilled causal model from any stage-2/3 checkpoint; anything else is refused before any work."""
-    ckpt = load_checkpoint(path, make_cmd=remake_command(path))
+    ckpt = load_checkpoint(path, make_cmd=remake_command(path) or "python causal_cd.py --toy (it writes "
+                                                                   "checkpoints/causal_cd.pt, a distilled model)")
     stage = ckpt.get("stage")
     if stage not in DISTILLED:
         hint = {"base": "it is the bidirectional base (stage 0), which cannot stream",
@@ -661,12 +663,12 @@ def key_presses():
     return q, restore
 
 
-def read_action_script(spec, n_frames=None):
-    """--actions: a string or a file of comma- or line-separated actions -> (n_frames,) long (None: all), checked."""
+def read_action_script(spec):
+    """--actions: a string or a file of comma- or line-separated actions -> (number of actions,) long, checked."""
     try:
         text = open(spec).read().replace("\n", ",") if os.path.isfile(spec) else spec
         actions = ",".join(a for a in text.split(",") if a.strip())
-        return toy_data.parse_actions(actions, len(actions.split(",")) if n_frames is None else n_frames)
+        return toy_data.parse_actions(actions, len(actions.split(",")))
     except UnicodeDecodeError:
         raise ConfigError(f"--actions {spec} is not a text file of actions") from None
     except ValueError as err:
@@ -751,11 +753,14 @@ def main(argv=None):
     if args.interactive and args.frames is None and model.cfg.num_actions and not sys.stdin.isatty():
         raise ConfigError("--interactive steers a world model from the keyboard; from a pipe or file, whose end does "
                           "not stop it, give the stream a length (--frames N), or use --actions")  # typed prompts end
-    script_len = len(read_action_script(args.actions)) if args.actions and model.cfg.num_actions else None
+    script = read_action_script(args.actions) if args.actions and model.cfg.num_actions else None  # all of it
+    if script is not None and len(script) < fpb:
+        raise ConfigError(f"--actions: the script has {len(script)} actions, fewer than one {fpb}-frame block")
     if args.frames is None:  # a recorded action script, given alone, sets the stream's length (whole blocks)
-        args.frames = 10 ** 9 if args.interactive else (script_len - script_len % fpb if script_len else 48)
-    elif script_len and script_len > args.frames:
-        print(f"--actions: the script has {script_len} actions; --frames {args.frames} streams the first {args.frames}")
+        args.frames = 10 ** 9 if args.interactive else (len(script) - len(script) % fpb if script is not None else 48)
+    if script is not None and len(script) > args.frames:
+        print(f"--actions: the script has {len(script)} actions; the stream is {args.frames} frames (--frames, whole "
+              f"{fpb}-frame blocks): the first {args.frames} are used")
     n_frames = args.frames
     if args.frames < 1:
         raise ConfigError(f"--frames {args.frames}: generate at least one frame")
@@ -774,7 +779,7 @@ def main(argv=None):
         first_image = read_first_frame(args.first_frame).to(device)
     if os.path.splitext(args.out)[1] not in (".gif", ".mp4"):
         raise ConfigError(f"--out {args.out}: write a .gif or an .mp4")
-    world, script = bool(model.cfg.num_actions), None
+    world = bool(model.cfg.num_actions)
     if args.actions and not world:
         raise ConfigError(f"--actions: {args.ckpt} is not a world model (no action conditioning); train one with "
                           f"--actions (README, the world model)")
@@ -783,8 +788,11 @@ def main(argv=None):
     if world and not (args.actions or args.interactive):
         raise ConfigError(f"{args.ckpt} is a world model: give it actions, --actions 'down-right,down-right,...' "
                           f"(one per frame, or a file), or steer it from the keyboard with --interactive")
-    if args.actions:
-        script = read_action_script(args.actions, args.frames).to(device)
+    if script is not None:
+        if len(script) < args.frames:
+            raise ConfigError(f"--actions: the action script has {len(script)} actions, fewer than the {args.frames} "
+                              f"frames to generate")
+        script = script[:args.frames].to(device)
 
     steps = warped_steps(n_steps, model.cfg.shift)
     first = warped_steps(4, model.cfg.shift) if (fpb == 1 and n_steps < 4 and first_image is None) else None
@@ -944,8 +952,9 @@ def bench(args, n_clips=36, long=96):
     n_steps = args.steps or ckpt["config"].get("num_steps", 4)
     steps = warped_steps(n_steps, model.cfg.shift)
     print(f"\nlong streams: {n_clips} clips x {long} frames, {n_steps}-step; metrics of frames 0-5 vs the last 6")
-    w = default_window(fpb)  # whole blocks: frame-wise 5, 5 + a sink of 1, and 2 frames; chunk-wise 6, 6 + 3, 3
-    for window, sink in ((None, 0), (w, 0), (w, fpb), (max(2, fpb), 0)):
+    w = default_window(fpb)  # whole blocks: frame-wise 5, 5 + a sink of 1, and 2; chunk-wise 6 and 6 + 3 (a
+    # shorter chunk-wise window, 3, would hold no past at all: each block would see only itself)
+    for window, sink in ((None, 0), (w, 0), (w, fpb)) + (((2, 0),) if fpb == 1 else ()):
         stream = Stream(model, steps, fpb, None, window, sink, max_frames=long,
                         generator=torch.Generator().manual_seed(0))
         stream.set_prompt(ctx)

@@ -531,9 +531,9 @@ def open_data(spec, model_cfg, clip_frames=0, actions=False):
                          f"starts from (in --out-dir, else a shipped toy teacher) is the toy's; train the earlier stages "
                          f"at Wan scale into that --out-dir first, from stage 1: python ar_teacher.py --phase ar --model "
                          f"wan2.1-1.3b --init-weights <Wan2.1 folder> --data {spec}")
-    size = parse_clip_size(spec)
-    if size:  # --clip-frames N: the first N latent frames of clips of that size, as for a folder
-        return SyntheticLatents((min(size[0], clip_frames or size[0]), *size[1:]), model_cfg)
+    size = synthetic_size(spec, clip_frames)
+    if size:
+        return SyntheticLatents(size, model_cfg)
     return LatentFolder(spec, in_dim=model_cfg.in_dim, text_dim=model_cfg.text_dim, text_len=model_cfg.text_len,
                         frames=clip_frames or None)
 
@@ -542,6 +542,15 @@ def parse_clip_size(spec):
     """"21x60x104" -> (21, 60, 104) (latent frames, height, width); anything else -> None."""
     parts = spec.lower().split("x")
     return tuple(int(v) for v in parts) if len(parts) == 3 and all(v.isdigit() for v in parts) else None
+
+
+def synthetic_size(spec, clip_frames=0):
+    """--data FxHxW with --clip-frames N (0: all): its first N latent frames, as for a latent folder's clips ->
+    (N, H, W); None when spec is no size."""
+    size = parse_clip_size(spec)
+    if size and clip_frames > size[0]:
+        raise ConfigError(f"--clip-frames {clip_frames}: a {spec} clip has only {size[0]} latent frames")
+    return size and (clip_frames or size[0], *size[1:])
 
 
 class SyntheticLatents:
@@ -768,8 +777,7 @@ def plan_for(stage, opts, batch, frames_per_block=1, ema=True, momentum=False):
         import toy_data
         frames, H, W = toy_data.ToyData.shape
     elif parse_clip_size(opts.data):  # --data FxHxW (its first --clip-frames frames)
-        frames, H, W = parse_clip_size(opts.data)
-        frames = min(frames, opts.clip_frames or frames)
+        frames, H, W = synthetic_size(opts.data, opts.clip_frames)
     else:
         frames, H, W = LatentFolder(opts.data, cfg.in_dim, cfg.text_dim, cfg.text_len, opts.clip_frames or None).shape
     act = "bfloat16" if torch.cuda.is_available() or opts.param_dtype == "bfloat16" else "float32"

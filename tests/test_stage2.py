@@ -245,9 +245,8 @@ def test_smoke_ode_init_both_teachers_and_pair_mismatch(tiny_teachers):
     # the same pair file read by a run with another CFG weight: refused, naming what differs
     with pytest.raises(ValueError, match="another setup.*guidance"):
         ode_init.train(stage2_run(tiny_teachers, guidance=2.0))
-    for other, saved in (({"seed": 1}, "'seed': \\(0, 1\\)"), ({"num_pairs": 4}, "'num_pairs': \\(8, 4\\)")):
-        with pytest.raises(ValueError, match="another setup.*" + saved):  # other clips and noise; another set
-            ode_init.train(stage2_run(tiny_teachers, **other))
+    with pytest.raises(ValueError, match="another setup.*'num_pairs': \\(8, 4\\)"):  # another set, not a slice
+        ode_init.train(stage2_run(tiny_teachers, num_pairs=4))
 
 
 def test_smoke_causal_cd_and_wrong_stage(tiny_teachers):

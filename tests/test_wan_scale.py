@@ -300,6 +300,8 @@ def test_clip_frames_crops_a_latent_folder_for_training_and_planning(wan_tiny, c
     with pytest.raises(ValueError, match="fewer than the 5 a clip needs"):
         WS.open_data(str(wan_tiny / "latents"), M.PRESETS["wan-tiny"], clip_frames=5)
     assert WS.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=2).shape == (2, 4, 8)  # synthetic: cropped too
+    with pytest.raises(ValueError, match="--clip-frames 4: a 3x4x8 clip has only 3 latent frames"):
+        WS.open_data("3x4x8", M.PRESETS["wan-tiny"], clip_frames=4)
     with pytest.raises(ValueError, match="--clip-frames crops the clips of a latent folder"):
         WS.ScaleOptions(clip_frames=2)  # on the toy: refused when the flags are read, before any checkpoint loads
     import causal_cd

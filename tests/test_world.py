@@ -158,7 +158,8 @@ def test_scripted_streams_are_deterministic_and_follow_the_script(world_ckpt, tm
 
 def test_a_script_longer_than_the_stream_is_cut_with_a_word(world_ckpt, tmp_path, capsys):
     S.main(["--ckpt", world_ckpt, "--frames", "4", "--actions", ",".join(["stay"] * 6), "--out", str(tmp_path / "s.gif")])
-    assert "the script has 6 actions; --frames 4 streams the first 4" in capsys.readouterr().out
+    assert "the script has 6 actions; the stream is 4 frames (--frames, whole 1-frame blocks): the first 4 are " \
+           "used" in capsys.readouterr().out
 
 
 def test_world_model_bad_input(world_ckpt, tmp_path, capsys, monkeypatch):
