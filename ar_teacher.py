@@ -50,7 +50,7 @@ from toy_data import metric_line
 from model import (ConfigError, DiT, ModelConfig, PRESETS, add_noise, autocast, count_parameters, describe_mismatch,
                    ema_update, load_checkpoint, loss_weight, model_from_checkpoint, parse_config, pick_device,
                    run_main, run_minutes, save_checkpoint, save_run, start_run, timestep_grid, x0_from_v)
-from wan_scale import (ScaleOptions, WORLD_DIR, check_actions, dry_run, limit_memory, load_whole,
+from wan_scale import (RUN_PLACE, ScaleOptions, WORLD_DIR, check_actions, dry_run, limit_memory, load_whole,
                        load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
                        report_memory, run_flags, shard, start_distributed, wan_base, whole)
 from sample_stream import sample_ar, sample_bidirectional
@@ -344,7 +344,8 @@ def train(cfg):
     other_phase = ("ar_steps", "world_ar_steps", "ar_weighting") if cfg.phase == "base" else (
         "base_steps", "world_steps", "base_weighting", "plain_base")  # settings this phase does not read
     src, ckpt = start_run(path, cfg, "base" if cfg.phase == "base" else "ar_teacher", make_command(cfg),
-                          free=("ship", "eval_only", "eval_every", "ckpt_every", "eval_clips", *other_phase))
+                          free=(*RUN_PLACE, *other_phase, "ship", "eval_only", "eval_every", "ckpt_every",
+                                "eval_clips"))
 
     # the model: a fresh toy DiT for the base; the base's EMA weights (or Wan2.1's) for the AR teacher
     if cfg.phase == "base":

@@ -42,7 +42,7 @@ import ar_teacher
 import toy_data
 from model import (ModelConfig, add_noise, autocast, ema_update, euler_step, load_checkpoint, model_from_checkpoint,
                    parse_config, pick_device, run_main, run_minutes, save_run, start_run, timestep_grid, x0_from_v)
-from wan_scale import (ScaleOptions, check_actions, dry_run, limit_memory, load_whole, load_whole_optimizer,
+from wan_scale import (RUN_PLACE, ScaleOptions, check_actions, dry_run, limit_memory, load_whole, load_whole_optimizer,
                        make_optimizer, mean_over_processes, on_main, open_data, prepare, report_memory, run_flags,
                        shard, start_distributed, whole)
 from sample_stream import cfg_velocity, toy_few_step_report
@@ -121,7 +121,7 @@ def train(cfg):
     part.check(cfg)
     path = checkpoint_path(cfg)
     src, ckpt = start_run(path, cfg, "causal_cd", make_command(cfg),
-                          free=("steps", "toy", "eval_clips", "ckpt_every"))  # more --steps: a longer run
+                          free=(*RUN_PLACE, "steps", "toy", "eval_clips", "ckpt_every"))  # more --steps: a longer run
     if cfg.toy:
         ensure_teachers(cfg)
     teacher, teacher_ckpt = ar_teacher.load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,

@@ -72,9 +72,9 @@ import toy_data
 from model import (ConfigError, add_noise, autocast, check_num_steps, ema_update, load_checkpoint,
                    model_from_checkpoint, parse_config, pick_device, run_main, save_run, shift_sigma, start_run,
                    warped_steps, x0_from_v)
-from wan_scale import (ScaleOptions, dry_run, limit_memory, load_whole, load_whole_optimizer, make_optimizer,
-                       mean_over_processes, on_main, open_data, prepare, report_memory, run_flags, shard,
-                       start_distributed, whole)
+from wan_scale import (RUN_PLACE, ScaleOptions, dry_run, limit_memory, load_whole, load_whole_optimizer,
+                       make_optimizer, mean_over_processes, on_main, open_data, prepare, report_memory, run_flags,
+                       shard, start_distributed, whole)
 from sample_stream import (cfg_velocity, exposure_line, sample_stream, stream_speed, toy_exposure_report,
                            toy_few_step_samples)
 
@@ -234,9 +234,8 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
     part.check(cfg)
     path = checkpoint_path(cfg)
-    src, ckpt = start_run(path, cfg, "dmd", make_command(cfg), free=("gen_updates", "eval_every", "eval_clips",
-                                                                       "ckpt_every", "table", "table_seeds",
-                                                                       "table_steps", "table_inits"))  # before loading
+    src, ckpt = start_run(path, cfg, "dmd", make_command(cfg),  # before loading
+                          free=(*RUN_PLACE, "gen_updates", "eval_every", "eval_clips", "ckpt_every"))
     generator, init_ckpt = load_init(cfg.init, cfg.out_dir, cfg.frames_per_block, device, cfg.actions)
     data = open_data(cfg.data, generator.cfg, cfg.clip_frames, cfg.actions)
     n_frames, H, W = data.shape

@@ -777,15 +777,11 @@ def save_run(path, finished, **payload):
         os.remove(partial_path(path))
 
 
-RUN_PLACE = ("resume", "device", "dry_run", "out_dir", "memory_cap_gib", "gpus", "grad_checkpointing")  # where and
-# how a run executes, not what it computes: free to change on --resume
-
-
 def start_run(path, cfg, stage, make_cmd, free=()):
     """Where a training run starts. With cfg.resume: (the file it continues, its checkpoint), the partial one before
     the finished one; nothing to resume, a shipped file without optimizer state, or a run trained with settings
-    other than cfg's (apart from `free`, e.g. its length or logging, and RUN_PLACE) is an error that says what to do
-    instead. Without: (None, None), and a finished X.pt already there stays until the new run finishes."""
+    other than cfg's (apart from the names in `free`: where it runs, its length, its logging) is an error that says
+    what to do instead. Without: (None, None), and a finished X.pt already there stays until the new run finishes."""
     if not cfg.resume:
         if os.path.exists(path):
             print(f"note: {path} is kept until this run finishes (its checkpoints go to {partial_path(path)})")
@@ -800,7 +796,7 @@ def start_run(path, cfg, stage, make_cmd, free=()):
                           f"evaluate it with --eval-only, or train afresh without --resume")
     saved = {**dataclasses.asdict(type(cfg)()), **ckpt["config"]}  # a setting newer than the checkpoint: its default
     differ = {k: (saved[k], v) for k, v in dataclasses.asdict(cfg).items()
-              if k not in (*free, *RUN_PLACE) and saved[k] != v}
+              if k not in free and saved[k] != v}
     if differ:
         raise ConfigError(f"--resume: {src} was trained with other settings (saved, now): {differ}; pass the saved "
                           f"values, or drop --resume to start afresh")

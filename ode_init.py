@@ -59,7 +59,7 @@ from ar_teacher import load_base, load_teacher
 from model import (ConfigError, ModelConfig, autocast, ema_update, load_checkpoint, model_from_checkpoint,
                    parse_config, pick_device, run_main, run_minutes, save_checkpoint, save_run, start_run, warped_steps,
                    x0_from_v)
-from wan_scale import (Part, ScaleOptions, check_actions, dry_run, gather_rows, limit_memory, load_whole,
+from wan_scale import (RUN_PLACE, Part, ScaleOptions, check_actions, dry_run, gather_rows, limit_memory, load_whole,
                        load_whole_optimizer, make_optimizer, mean_over_processes, on_main, open_data, prepare,
                        report_memory, run_flags, shard, start_distributed, sum_over_processes, whole)
 from sample_stream import (cfg_velocity, ode_grid, sample_ar, sample_bidirectional, sample_stream,
@@ -302,7 +302,8 @@ def train(cfg):
     part.check(cfg, ("--num-pairs", cfg.num_pairs))
     path = student_path(cfg)
     src, ckpt = start_run(path, cfg, stage_name(cfg.teacher), make_command(cfg),  # more --steps: a longer run
-                          free=("steps", "eval_clips", "ckpt_every", "plot", "train_missing", "per_frame", "unseen_pairs"))
+                          free=(*RUN_PLACE, "steps", "eval_clips", "ckpt_every", "plot", "train_missing", "per_frame",
+                                "unseen_pairs"))
     if cfg.teacher == "ar":
         teacher, teacher_ckpt = load_teacher(cfg.out_dir, "ar", cfg.frames_per_block, device=device,
                                              actions=cfg.actions)

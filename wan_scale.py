@@ -283,6 +283,8 @@ class ScaleOptions:
 
 
 WORLD_DIR = "checkpoints/world"  # the default --out-dir of every stage with --actions
+RUN_PLACE = ("resume", "device", "dry_run", "out_dir", "memory_cap_gib", "gpus", "grad_checkpointing")  # where and how
+# a stage runs, not what it computes: settings a --resume may change (each stage adds its length and logging)
 
 
 def run_flags(cfg):
